@@ -1,0 +1,213 @@
+"""Hugging Face Gemma 2 safetensors -> our Orbax checkpoint, tensor by tensor, strictly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from gemma_jax import checkpoint
+from gemma_jax.config import GemmaConfig
+from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.safetensors_io import TensorEntry, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# Our param name -> (HF tensor names, how to build ours from them). Weights [out, in] -> [in, out].
+_LAYER_TABLE = {
+    "pre_attn_norm/weight": (("input_layernorm.weight",), "copy"),
+    "post_attn_norm/weight": (("post_attention_layernorm.weight",), "copy"),
+    "pre_ffw_norm/weight": (("pre_feedforward_layernorm.weight",), "copy"),
+    "post_ffw_norm/weight": (("post_feedforward_layernorm.weight",), "copy"),
+    "attn/q": (("self_attn.q_proj.weight",), "transpose"),
+    "attn/k": (("self_attn.k_proj.weight",), "transpose"),
+    "attn/v": (("self_attn.v_proj.weight",), "transpose"),
+    "attn/o": (("self_attn.o_proj.weight",), "transpose"),
+    "mlp/gate_up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "stack_transpose"),
+    "mlp/down": (("mlp.down_proj.weight",), "transpose"),
+}
+_TIED_HEAD = "lm_head.weight"
+
+
+def name_table(config: GemmaConfig) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Every param of ours with the HF tensors it is made of."""
+    table = {"embedder/embedding": (("model.embed_tokens.weight",), "copy"),
+             "final_norm/weight": (("model.norm.weight",), "copy")}
+    for i in range(config.num_hidden_layers):
+        for ours, (theirs, how) in _LAYER_TABLE.items():
+            table[f"blocks/{i}/{ours}"] = (tuple(f"model.layers.{i}.{t}" for t in theirs), how)
+    return table
+
+
+def hf_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every HF tensor ([out, in] layout)."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * h, config.num_key_value_heads * h
+    per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+                 "pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,),
+                 "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+                 "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+                 "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+                 "mlp.down_proj.weight": (d, f)}
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def _no_duplicates(what: str):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CheckpointError(f"{what}: duplicate key {key!r}")
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=_no_duplicates(str(path)))
+    except FileNotFoundError:
+        raise (ConfigError if what == "config" else CheckpointError)(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise (ConfigError if what == "config" else CheckpointError)(
+            f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def read_hf_config(hf_dir: Path) -> GemmaConfig:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.exists():
+        raise ConfigError(f"{hf_dir}: no such directory")
+    if not hf_dir.is_dir():
+        raise ConfigError(f"{hf_dir}: not a directory")
+    path = hf_dir / "config.json"
+    try:
+        return GemmaConfig.from_hf(_read_json(path, "config"))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def tensor_entries(hf_dir: Path) -> dict[str, TensorEntry]:
+    """HF tensor name -> where it lies, from the index (sharded) or the single file."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, "index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        headers: dict[str, dict[str, TensorEntry]] = {}
+        entries = {}
+        for key, shard in weight_map.items():
+            shard_path = hf_dir / shard
+            if shard not in headers:
+                if not shard_path.is_file():
+                    raise CheckpointError(f"{shard_path}: shard listed in {INDEX_FILE} is missing")
+                headers[shard] = read_header(shard_path)
+            if key not in headers[shard]:
+                raise CheckpointError(f"{shard_path}: tensor {key!r} listed in {INDEX_FILE} is not in this shard")
+            entries[key] = headers[shard][key]
+        for shard, header in headers.items():
+            for key in header:
+                if weight_map.get(key) != shard:
+                    raise CheckpointError(f"{hf_dir / shard}: tensor {key!r} is not listed for this shard "
+                                          f"in {INDEX_FILE} (duplicate or unknown)")
+        return entries
+    single = hf_dir / SINGLE_FILE
+    if single.is_file():
+        return read_header(single)
+    raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _check_names_and_shapes(config: GemmaConfig, entries: dict[str, TensorEntry], hf_dir: Path) -> None:
+    expected = hf_shapes(config)
+    unknown = sorted(set(entries) - set(expected) - {_TIED_HEAD})
+    if unknown:
+        raise CheckpointError(f"{hf_dir}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
+    missing = [k for k in expected if k not in entries]
+    if missing:
+        raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    for key, shape in expected.items():
+        if entries[key].shape != shape:
+            raise CheckpointError(f"{entries[key].file}: tensor {key!r} has shape {list(entries[key].shape)}, "
+                                  f"config.json implies {list(shape)}")
+    if _TIED_HEAD in entries:
+        head, emb = entries[_TIED_HEAD], entries["model.embed_tokens.weight"]
+        if head.shape != emb.shape or not np.array_equal(head.load(), emb.load()):
+            raise CheckpointError(f"{head.file}: tensor {_TIED_HEAD!r} differs from the embedding; "
+                                  "Gemma 2 ties them and an untied head is not supported")
+
+
+def _choose_dtype(entries: dict[str, TensorEntry], dtype: str | None, hf_dir: Path) -> str:
+    if dtype is not None:
+        if dtype not in NP_DTYPES:
+            raise CheckpointError(f"--dtype {dtype!r} is not supported (choose float32 or bfloat16; "
+                                  "float16 overflows in Gemma 2)")
+        return dtype
+    on_disk = {e.dtype for e in entries.values()}
+    if on_disk == {NP_DTYPES["bfloat16"]}:
+        return "bfloat16"
+    if np.dtype(np.float16) in on_disk:
+        warnings.warn(f"{hf_dir}: float16 weights: converting to float32 (Gemma 2 overflows in float16; "
+                      "pass --dtype bfloat16 for half the size)", stacklevel=2)
+    return "float32"
+
+
+def _build(how: str, arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    if how == "copy":
+        return np.asarray(arrays[0]).astype(dtype)
+    if how == "transpose":
+        return np.ascontiguousarray(np.asarray(arrays[0]).T, dtype=dtype)
+    gate, up = arrays  # stack_transpose: [F, D] x2 -> [D, 2, F]
+    out = np.empty((gate.shape[1], 2, gate.shape[0]), dtype)
+    out[:, 0, :] = np.asarray(gate).T
+    out[:, 1, :] = np.asarray(up).T
+    return out
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
+            progress: Callable | None = None) -> Path:
+    """Convert a HF Gemma 2 directory into a self-contained gemma_jax checkpoint at out_dir.
+
+    dtype: "float32" or "bfloat16"; None keeps the dtype on disk. `progress(iterable, total)`
+    wraps the tensor loop (a progress bar). The output appears only when complete.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = read_hf_config(hf_dir)
+    entries = tensor_entries(hf_dir)
+    _check_names_and_shapes(config, entries, hf_dir)
+    dtype = _choose_dtype(entries, dtype, hf_dir)
+    np_dtype = NP_DTYPES[dtype]
+    table = name_table(config)
+    items = table.items() if progress is None else progress(table.items(), len(table))
+    with checkpoint.atomic_directory(out_dir, force) as tmp:
+        params = {}
+        for ours, (theirs, how) in items:
+            arrays = [entries[t].load() for t in theirs]
+            params[ours] = _build(how, arrays, np_dtype)
+        checkpoint.save(tmp, config, params, dtype)
+        del params
+        for name in checkpoint.TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / name)
+    return out_dir
+
+
+def tqdm_progress(desc: str):
+    """A progress wrapper for convert(): a bar on a terminal, nothing otherwise."""
+    def wrap(iterable, total):
+        if not sys.stderr.isatty():
+            return iterable
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr)
+    return wrap

@@ -1,0 +1,21 @@
+"""One exception hierarchy: every user mistake is a GemmaError with a one-line message."""
+
+
+class GemmaError(Exception):
+    """Base class: a user-facing problem whose message names the file, key or argument at fault."""
+
+
+class ConfigError(GemmaError):
+    """A config.json that is not a usable Gemma 2 config."""
+
+
+class CheckpointError(GemmaError):
+    """A missing, corrupt, incomplete or mismatched checkpoint or safetensors file."""
+
+
+class TokenizerError(GemmaError):
+    """A tokenizer file that cannot be used, or a chat that cannot be rendered."""
+
+
+class GenerationError(GemmaError):
+    """Generation arguments or prompts that cannot be honoured."""

@@ -1,0 +1,63 @@
+"""Small pure building blocks: RMSNorm, the scaled embedder, rotary embedding, soft-capping."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32 and cast back (zero-centred w)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding [V, D], scaled by sqrt(D) on the way in, reused (unscaled) as the unembedding."""
+
+    def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        init = nnx.initializers.normal(0.02)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, dim), param_dtype))
+
+    def encode(self, tokens: jax.Array, dtype) -> jax.Array:
+        """[B, T] ids -> [B, T, D]; the scale is rounded to the compute dtype first, as HF does."""
+        table = self.embedding[...]
+        scale = jnp.asarray(math.sqrt(table.shape[1]), dtype)
+        return jnp.take(table, tokens, axis=0).astype(dtype) * scale
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., V] logits in float32."""
+        table = self.embedding[...].astype(x.dtype)
+        return jnp.einsum("...D,VD->...V", x, table, preferred_element_type=jnp.float32)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """tanh(x / cap) * cap, or x when cap is None."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Split-half rotary embedding of x [B, T, N, H] at integer positions [B, T].
+
+    Frequencies, angles, cos and sin are float32 and cast to x's dtype before the rotation (as HF).
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]    # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin

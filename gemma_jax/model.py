@@ -1,0 +1,161 @@
+"""The Gemma 2 forward pass: Attention, MLP, Block, Transformer. No I/O here.
+
+Shapes: B batch, T query length, S key length, D model, N query heads, K kv heads, G = N // K,
+H head dim, F ffn hidden, V vocab. Weights are 2-D [in, out] so that every projection is a plain
+row-major matrix product (fast batch-1 decode on XLA:CPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_jax import cache as kv
+from gemma_jax.config import GemmaConfig
+from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
+
+_MASKED = -2.3819763e38  # finite "minus infinity": a query with no visible key stays NaN-free
+
+
+def _dense(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
+    return nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, param_dtype))
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, S] bool: key visible to query iff 0 <= k <= q (and q - W < k on sliding layers).
+
+    Positions of -1 mark padding (never visible as keys).
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        d, n, k, h = (config.hidden_size, config.num_attention_heads,
+                      config.num_key_value_heads, config.head_dim)
+        self.q = _dense(rngs, (d, n * h), param_dtype)
+        self.k = _dense(rngs, (d, k * h), param_dtype)
+        self.v = _dense(rngs, (d, k * h), param_dtype)
+        self.o = _dense(rngs, (n * h, d), param_dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        self.rope_theta = config.rope_theta
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+
+    def __call__(self, x, positions, layer_cache: kv.LayerKV | None, end, attend_cache: bool):
+        b, t, _ = x.shape
+        dt = x.dtype
+        q = (x @ self.q[...].astype(dt)).reshape(b, t, self.num_heads, self.head_dim)
+        k = (x @ self.k[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = (x @ self.v[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = rope(q, positions, self.rope_theta)
+        k = rope(k, positions, self.rope_theta)
+
+        keys, values, key_pos = k, v, positions
+        if layer_cache is not None and attend_cache:
+            old_pos = kv.slot_positions(end, layer_cache.k.shape[1])
+            keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
+            values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
+            key_pos = jnp.concatenate([old_pos, positions], axis=1)
+
+        q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys,
+                            preferred_element_type=jnp.float32).astype(dt) * self.scale
+        scores = softcap(scores.astype(jnp.float32), self.softcap)  # soft-cap before the mask
+        mask = attention_mask(positions, key_pos, self.window)[:, None, None]
+        scores = jnp.where(mask, scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        z = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, -1)
+        out = z @ self.o[...].astype(dt)
+
+        new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
+        return out, new_cache
+
+
+class MLP(nnx.Module):
+    """down(gelu_tanh(gate(x)) * up(x)), with gate and up fused into one [D, 2, F] weight."""
+
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_up = _dense(rngs, (d, 2, f), param_dtype)
+        self.down = _dense(rngs, (f, d), param_dtype)
+
+    def __call__(self, x):
+        dt = x.dtype
+        w = self.gate_up[...]
+        gate_up = (x @ w.reshape(w.shape[0], -1).astype(dt)).reshape(*x.shape[:-1], 2, w.shape[-1])
+        hidden = jax.nn.gelu(gate_up[..., 0, :], approximate=True) * gate_up[..., 1, :]
+        return hidden @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """norm -> attention -> norm -> residual; norm -> MLP -> norm -> residual."""
+
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
+        self.attn = Attention(config, layer, rngs=rngs, param_dtype=param_dtype)
+        self.post_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
+        self.pre_ffw_norm = RMSNorm(d, eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, rngs=rngs, param_dtype=param_dtype)
+        self.post_ffw_norm = RMSNorm(d, eps, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, layer_cache, end, attend_cache):
+        with jax.named_scope("attention"):
+            attn, layer_cache = self.attn(self.pre_attn_norm(x), positions, layer_cache, end, attend_cache)
+        x = x + self.post_attn_norm(attn)
+        with jax.named_scope("mlp"):
+            x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+        return x, layer_cache
+
+
+class Transformer(nnx.Module):
+    """Gemma 2 decoder. `dtype` is the compute dtype; parameters are kept in `param_dtype`."""
+
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.embedder = Embedder(config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=param_dtype)
+        self.blocks = nnx.List([Block(config, i, rngs=rngs, param_dtype=param_dtype)
+                                for i in range(config.num_hidden_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache | None = None,
+                 *, attend_cache: bool = True) -> tuple[jax.Array, kv.KVCache | None]:
+        """tokens, positions [B, T] (position -1 = padding) -> final-normed hidden [B, T, D], cache.
+
+        With a cache, queries also see the cached positions (unless attend_cache=False, for a
+        prefill into an empty cache) and the new keys/values are written into it.
+        """
+        x = self.embedder.encode(tokens, self.dtype)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            with jax.named_scope(f"block_{i}"):
+                layer_cache = None if cache is None else cache.layers[i]
+                end = None if cache is None else cache.end
+                x, layer_cache = block(x, positions, layer_cache, end, attend_cache)
+            new_layers.append(layer_cache)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache = kv.KVCache(tuple(new_layers), kv.advance(cache.end, positions))
+        return x, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [..., D] -> soft-capped float32 logits [..., V]."""
+        return softcap(self.embedder.decode(hidden), self.config.final_logit_softcapping)
+
+
+def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
+
+
+def param_count(config: GemmaConfig) -> int:
+    _, state = nnx.split(abstract_model(config))
+    return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -1,0 +1,77 @@
+"""A strict, streaming safetensors reader: header checked against the file, tensors memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gemma_jax.errors import CheckpointError
+
+DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+
+    def load(self) -> np.ndarray:
+        """A read-only memory map of the tensor (no copy until used)."""
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse and validate a .safetensors header; every error names the file (and tensor)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors header "
+                                      f"(header says {n} bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}") from None
+        if dtype_name not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype_name} "
+                                  f"(supported: {', '.join(DTYPES)})")
+        dtype = DTYPES[dtype_name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not (0 <= begin <= end) or end - begin != nbytes:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r} "
+                                  f"(offsets {begin}..{end} do not fit shape {list(shape)} {dtype_name})")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {key!r} ends at byte "
+                                  f"{data_start + end} but the file has {size} bytes")
+        entries[key] = TensorEntry(Path(path), dtype, shape, data_start + begin)
+    return entries
