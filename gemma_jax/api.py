@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma_jax import checkpoint
+from gemma_jax import cache as kv
+from gemma_jax import checkpoint, sampler
 from gemma_jax.config import GemmaConfig
-from gemma_jax.errors import GenerationError
+from gemma_jax.errors import GenerationError, TokenizerError
 from gemma_jax.model import Transformer, abstract_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,6 +67,127 @@ class Gemma:
         tokens = np.where(mask.astype(bool), tokens, self.config.pad_token_id).astype(np.int32)
         out = _forward_logits(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask)))
         return np.asarray(out, dtype=np.float32)
+
+
+    # ----------------------------------------------------------------------------- generation
+    def generate_ids(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int = 0, stop_ids=None, return_logprobs: bool = False,
+                     stream=None):
+        """New token ids per prompt (stop token excluded); prompts are lists of token ids.
+
+        stop_ids default to the config's eos ids. With return_logprobs, returns (ids, logprobs),
+        the log-probabilities under the model's unmodified distribution. `stream(new_per_row)` is
+        called as tokens arrive and may return row indices to stop.
+        """
+        sampling = sampler.Sampling(temperature, top_k, top_p)
+        prompts = self._check_prompts(prompts, max_new_tokens)
+        if max_new_tokens == 0:
+            empty = [[] for _ in prompts]
+            return (empty, [[] for _ in prompts]) if return_logprobs else empty
+        stop_ids = list(self.config.eos_token_ids if stop_ids is None else stop_ids)
+        cache_len = sampler.bucket(max(map(len, prompts)) + max_new_tokens, 32)
+        cache = kv.init_cache(self.config, len(prompts), cache_len, self.dtype)
+        result, _ = sampler.run(self.graphdef, self.state, cache, prompts, [0] * len(prompts), max_new_tokens,
+                                sampling, seed, stop_ids, self.config.pad_token_id, fresh=True, stream=stream)
+        return (result.tokens, result.logprobs) if return_logprobs else result.tokens
+
+    def _check_prompts(self, prompts, max_new_tokens) -> list[list[int]]:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+            raise GenerationError("prompts must be a list of token-id lists")
+        if len(prompts) == 0:
+            raise GenerationError("prompts is an empty batch")
+        out = []
+        for i, p in enumerate(prompts):
+            p = np.asarray(p)
+            if p.ndim != 1 or p.size == 0 or not np.issubdtype(p.dtype, np.integer):
+                raise GenerationError(f"prompt {i} must be a non-empty list of token ids "
+                                      "(an empty prompt needs at least BOS)")
+            self.check_tokens(p)
+            limit = self.config.max_position_embeddings
+            if p.size + max_new_tokens > limit:
+                raise GenerationError(f"prompt {i}: {p.size} tokens + max_new_tokens {max_new_tokens} exceeds "
+                                      f"the model's max_position_embeddings {limit}")
+            out.append(p.astype(np.int32).tolist())
+        return out
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise TokenizerError("this checkpoint has no tokenizer.model: pass token ids to generate_ids")
+        return self.tokenizer
+
+    def generate(self, text_or_texts, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_ids=None,
+                 stop_strings=(), stream=None):
+        """Text in, generated text out (a list for a list). `stream(row, text_piece)` gets text
+        as it is generated; generation of a row ends at a stop id or the first stop string, which
+        is cut from the returned text."""
+        tok = self._need_tokenizer()
+        single = isinstance(text_or_texts, str)
+        texts = [text_or_texts] if single else list(text_or_texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise GenerationError("generate takes a string or a list of strings")
+        out = self._generate_text([tok.encode(t) for t in texts], max_new_tokens, temperature, top_k, top_p,
+                                  seed, stop_ids, stop_strings, stream)
+        return out[0] if single else out
+
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stream=None) -> str:
+        """The model's reply to a conversation [{"role": "user", "content": ...}, ...]."""
+        tok = self._need_tokenizer()
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        stop_ids = tuple(self.config.eos_token_ids) + (tok.token_id("<end_of_turn>"),)
+        return self._generate_text([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, (),
+                                   stream)[0]
+
+    def _generate_text(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                       stop_strings, stream):
+        tok = self.tokenizer
+        stop_strings = [s for s in stop_strings if s]
+        streams = [TextStream(tok, stop_strings) for _ in prompts]
+
+        def on_tokens(new_per_row):
+            finished = []
+            for row, new in enumerate(new_per_row):
+                piece = streams[row].add(new)
+                if piece and stream is not None:
+                    stream(row, piece)
+                if streams[row].stopped:
+                    finished.append(row)
+            return finished
+
+        live = stream is not None or bool(stop_strings)
+        ids = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                stream=on_tokens if live else None)
+        return [s.text if live else tok.decode(row) for s, row in zip(streams, ids)]
+
+
+class TextStream:
+    """Incremental detokenization: hands out only complete characters, cuts at stop strings."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+
+    def add(self, new_ids) -> str:
+        if self.stopped or not new_ids:
+            return ""
+        self.ids.extend(new_ids)
+        full = self.tokenizer.decode(self.ids)
+        cuts = [full.find(s) for s in self.stop_strings if s in full]
+        if cuts:
+            full, self.stopped = full[:min(cuts)], True
+        elif full.endswith("\ufffd"):
+            full = full.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
+        elif self.stop_strings:  # hold back a tail that may be the start of a stop string
+            hold = max((k for s in self.stop_strings for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            full = full[:len(full) - hold]
+        piece = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = max(self.text, full, key=len) if full.startswith(self.text) else self.text
+        return piece
 
 
 def load(ckpt_dir: str | Path, dtype: str | None = None) -> Gemma:

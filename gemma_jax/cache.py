@@ -81,3 +81,19 @@ def cache_bytes(config: GemmaConfig, batch: int, max_length: int, dtype=jnp.bflo
     out["total"] = out["sliding"] + out["full"]
     out["all_full"] = per_slot * max_length * config.num_hidden_layers
     return out
+
+
+def grow(cache: KVCache, config: GemmaConfig, max_length: int) -> KVCache:
+    """The same cache with room for max_length positions (zero-padded buffers).
+
+    Valid because a buffer smaller than its final size always holds position p at slot p.
+    """
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        extra = layer_slots(config, i, max_length) - layer.k.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot shrink a cache of layer {i}")
+        pad = ((0, 0), (0, extra), (0, 0), (0, 0))
+        layers.append(LayerKV(jnp.pad(layer.k, pad), jnp.pad(layer.v, pad)))
+    return KVCache(tuple(layers), cache.end)
+

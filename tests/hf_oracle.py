@@ -17,7 +17,7 @@ TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_lay
             final_logit_softcapping=30.0, rope_theta=10000.0, rms_norm_eps=1e-6)
 
 
-def hf_model(seed: int = 0, dtype=torch.float32, **overrides) -> transformers.Gemma2ForCausalLM:
+def hf_model(seed: int = 0, dtype=torch.float32, embed_std: float = 1.0, **overrides) -> transformers.Gemma2ForCausalLM:
     """A randomly initialised Gemma2ForCausalLM with eager attention; weights large enough that the
     soft-caps and the (1 + w) norm convention matter."""
     kwargs = {**TINY, **overrides}
@@ -31,7 +31,7 @@ def hf_model(seed: int = 0, dtype=torch.float32, **overrides) -> transformers.Ge
             if "norm" in name:
                 p.copy_(torch.randn_like(p) * 0.5)
             elif "embed" in name:
-                p.copy_(torch.randn_like(p))
+                p.copy_(torch.randn_like(p) * embed_std)
             else:
                 p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5) * 1.5)
     return model.to(dtype)

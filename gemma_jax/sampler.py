@@ -1,0 +1,198 @@
+"""Prefill and a jitted decode loop over the KV cache; sampling strategies as a frozen dataclass.
+
+Compilation: prompts are right-padded to a power-of-two length (at least 16), the cache to a
+power of two of prompt + new tokens (at least 32), the output buffer to a power of two of
+max_new_tokens. `start` compiles once per (batch, padded prompt, cache length, output buffer,
+sampling); `decode` once per (batch, cache length, output buffer, sampling). The decode step limit
+is a traced argument, so streaming in chunks reuses the same program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma_jax import cache as kv
+from gemma_jax.errors import GenerationError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; otherwise temperature, then top-k, then top-p (HF's order)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 1):
+            raise GenerationError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """[B, V] float32 logits with temperature, top-k and top-p applied (removed tokens -> -inf)."""
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs          # mass of strictly better tokens
+        kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
+
+
+def pick(logits: jax.Array, rng: jax.Array, step: jax.Array, sampling: Sampling):
+    """Choose one token per row; each row draws from its own key so rows are batch-independent.
+
+    Returns (tokens [B], log-probabilities [B] of the chosen tokens under the model's unmodified
+    distribution).
+    """
+    if sampling.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        filtered = filter_logits(logits, sampling)
+        keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(rng, row), step))(
+            jnp.arange(logits.shape[0]))
+        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logprobs
+
+
+class Loop(NamedTuple):
+    """The decode loop's state (a pytree, donated to each call)."""
+    cache: kv.KVCache
+    tokens: jax.Array    # [B, N] int32 generated tokens (pad after a row is done)
+    logprobs: jax.Array  # [B, N] float32
+    done: jax.Array      # [B] bool
+    step: jax.Array      # int32: tokens generated so far
+    rng: jax.Array
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The next power of two >= n (and >= minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "buffer", "fresh"),
+                   donate_argnames=("cache",))
+def start(graphdef, state, cache, tokens, positions, rng, stop_ids, pad_id, *, sampling, buffer, fresh):
+    """Run a right-padded chunk [B, T] through the model into the cache and pick the first token."""
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model(tokens, positions, cache, attend_cache=not fresh)
+    last = jnp.sum(positions >= 0, axis=1) - 1
+    logits = model.logits(hidden[jnp.arange(tokens.shape[0]), last])
+    first, logprob = pick(logits, rng, jnp.int32(0), sampling)
+    b = tokens.shape[0]
+    out = jnp.full((b, buffer), pad_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((b, buffer), jnp.float32).at[:, 0].set(logprob)
+    return Loop(cache, out, logprobs, jnp.isin(first, stop_ids), jnp.int32(1), rng)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("loop",))
+def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling) -> Loop:
+    """Generate until `limit` tokens exist or every row is done (a lax.while_loop)."""
+    model = nnx.merge(graphdef, state)
+
+    def cond(l: Loop):
+        return (l.step < limit) & ~jnp.all(l.done)
+
+    def body(l: Loop):
+        prev = jax.lax.dynamic_index_in_dim(l.tokens, l.step - 1, axis=1, keepdims=True)
+        hidden, cache = model(prev, l.cache.end[:, None], l.cache)
+        token, logprob = pick(model.logits(hidden[:, 0]), l.rng, l.step, sampling)
+        token = jnp.where(l.done, pad_id, token)
+        tokens = jax.lax.dynamic_update_index_in_dim(l.tokens, token, l.step, axis=1)
+        logprobs = jax.lax.dynamic_update_index_in_dim(l.logprobs, logprob, l.step, axis=1)
+        return Loop(cache, tokens, logprobs, l.done | jnp.isin(token, stop_ids), l.step + 1, l.rng)
+
+    return jax.lax.while_loop(cond, body, loop)
+
+
+def pad_chunk(chunks: Sequence[Sequence[int]], starts: Sequence[int], length: int, pad_id: int):
+    """Right-pad token lists into [B, length] tokens and positions (-1 at padding)."""
+    tokens = np.full((len(chunks), length), pad_id, np.int32)
+    positions = np.full((len(chunks), length), -1, np.int32)
+    for i, (chunk, s) in enumerate(zip(chunks, starts)):
+        tokens[i, :len(chunk)] = chunk
+        positions[i, :len(chunk)] = np.arange(s, s + len(chunk))
+    return tokens, positions
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[list[int]]                 # new tokens per row, stop token excluded
+    logprobs: list[list[float]] | None      # their log-probabilities, when asked for
+    stopped: list[bool]                     # whether each row ended on a stop id or stop request
+
+
+def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], starts: Sequence[int],
+        max_new_tokens: int, sampling: Sampling, seed: int, stop_ids: Sequence[int], pad_id: int,
+        fresh: bool, stream: Callable[[list[list[int]]], Sequence[int] | None] | None = None,
+        stream_every: int = 1):
+    """Feed each row's chunk (appended at position starts[row]) and generate up to max_new_tokens.
+
+    `stream(new_tokens_per_row)` is called after every `stream_every` tokens when given; it may
+    return row indices to stop (stop strings). Returns (Result, cache).
+    """
+    b = len(chunks)
+    length = bucket(max(len(c) for c in chunks), 16)
+    tokens, positions = pad_chunk(chunks, starts, length, pad_id)
+    buffer = bucket(max_new_tokens, 1)
+    stops = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
+    rng = jax.random.key(seed)
+    loop = start(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions), rng, stops,
+                 jnp.int32(pad_id), sampling=sampling, buffer=buffer, fresh=fresh)
+    ends: list[int | None] = [None] * b   # tokens kept per row, once the row has finished
+    seen, limit = 0, (max_new_tokens if stream is None else 1)
+    while True:
+        loop = decode(graphdef, state, loop, stops, jnp.int32(pad_id), jnp.int32(limit), sampling=sampling)
+        step = int(loop.step)
+        new = np.asarray(loop.tokens[:, seen:step])
+        delivered = []
+        for i in range(b):
+            row = np.asarray([], np.int32) if ends[i] is not None else _until_stop(new[i], stop_ids)
+            if ends[i] is None and len(row) < len(new[i]):
+                ends[i] = seen + len(row)
+            delivered.append(row.tolist())
+        if stream is not None:
+            for r in stream(delivered) or ():
+                if ends[r] is None:
+                    ends[r] = step
+            loop = loop._replace(done=jnp.asarray([e is not None for e in ends]))
+        seen = step
+        if step >= max_new_tokens or all(e is not None for e in ends):
+            break
+        limit = min(max_new_tokens, step + stream_every)
+    out, logprobs = np.asarray(loop.tokens), np.asarray(loop.logprobs)
+    result = Result([], [], [])
+    for i in range(b):
+        n = step if ends[i] is None else ends[i]
+        result.tokens.append(out[i, :n].tolist())
+        result.logprobs.append(logprobs[i, :n].tolist())
+        result.stopped.append(ends[i] is not None)
+    return result, loop.cache
+
+
+def _until_stop(row: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
+    hits = np.flatnonzero(np.isin(row, list(stop_ids)))
+    return row[:hits[0]] if hits.size else row
