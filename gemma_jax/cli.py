@@ -1,0 +1,139 @@
+"""The gemma-jax command line: a thin layer over the library. User mistakes -> one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from gemma_jax.errors import GemmaError
+
+DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma_jax" / "xla"
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--ckpt", required=True, help="a directory made by 'gemma-jax convert'")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-jax", description="Gemma 2 in JAX: convert, generate, chat.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--compile-cache", type=Path, default=DEFAULT_COMPILE_CACHE,
+                        help=f"persistent XLA compilation cache directory (default: {DEFAULT_COMPILE_CACHE})")
+    parser.add_argument("--no-compile-cache", action="store_true", help="disable the persistent compilation cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face Gemma 2 directory to a gemma_jax checkpoint")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: keep the dtype on disk")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR (only once the new one is complete)")
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    _add_sampling(p, 64)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (IT models)")
+
+    p = sub.add_parser("chat", help="a multi-turn conversation at the terminal (/reset, /exit, Ctrl-D)")
+    _add_sampling(p, 512)
+    return parser
+
+
+def _setup_jax(args) -> None:
+    import jax
+    if not args.no_compile_cache:
+        args.compile_cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _convert(args) -> None:
+    from gemma_jax.convert import convert, tqdm_progress
+    start = time.perf_counter()
+    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
+                  progress=tqdm_progress("converting"))
+    print(f"wrote {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+
+def _load(args):
+    from gemma_jax.api import load
+    return load(args.ckpt, dtype=args.dtype)
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+
+
+def _generate(args) -> None:
+    model = _load(args)
+
+    def show(_row, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if args.chat:
+        model.chat([{"role": "user", "content": args.prompt}], stream=lambda piece: show(0, piece),
+                   **_sampling_kwargs(args))
+    else:
+        sys.stdout.write(args.prompt)
+        model.generate(args.prompt, stream=show, **_sampling_kwargs(args))
+    sys.stdout.write("\n")
+
+
+def _chat(args) -> None:
+    from gemma_jax.chat import ChatSession
+    session = ChatSession(_load(args), **_sampling_kwargs(args))
+    print("Chat: /reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        sys.stdout.write("model> ")
+        try:
+            session.send(text, stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        except GemmaError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+
+
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _setup_jax(args)
+        COMMANDS[args.command](args)
+    except GemmaError as e:
+        if args.debug:
+            raise
+        print(f"gemma-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
