@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax import cache as kv
-from gemma_jax import checkpoint, sampler
+from gemma_jax import checkpoint, hooks, sampler
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import GenerationError, TokenizerError
 from gemma_jax.model import Transformer, abstract_model
@@ -50,8 +50,12 @@ class Gemma:
             bad = int(tokens.min() if tokens.min() < 0 else tokens.max())
             raise GenerationError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def logits(self, token_ids, attention_mask=None) -> np.ndarray:
-        """int [B, T] ids (and optional 0/1 mask for padding) -> float32 logits [B, T, V]."""
+    def logits(self, token_ids, attention_mask=None, check_finite: bool = False) -> np.ndarray:
+        """int [B, T] ids (and optional 0/1 mask for padding) -> float32 logits [B, T, V].
+
+        check_finite: if the logits hold NaN or inf, raise GenerationError naming the first hook
+        site (layer) where a non-finite value appears.
+        """
         tokens = np.asarray(token_ids)
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise GenerationError(f"token_ids must be a non-empty [batch, length] array, got shape {list(tokens.shape)}")
@@ -65,8 +69,13 @@ class Gemma:
             raise GenerationError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings "
                                   f"{self.config.max_position_embeddings}")
         tokens = np.where(mask.astype(bool), tokens, self.config.pad_token_id).astype(np.int32)
-        out = _forward_logits(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask)))
-        return np.asarray(out, dtype=np.float32)
+        tokens, positions = jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask))
+        out = np.asarray(_forward_logits(self.graphdef, self.state, tokens, positions), dtype=np.float32)
+        if check_finite and not np.isfinite(out).all():
+            flags = hooks.finite_by_site(self.graphdef, self.state, tokens, positions)
+            first = next((n for n in hooks.site_names(self.config) if not bool(flags[n])), "hook_logits")
+            raise GenerationError(f"non-finite values (NaN/inf) first appear at {first}")
+        return out
 
 
     # ----------------------------------------------------------------------------- generation
@@ -134,12 +143,14 @@ class Gemma:
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stream=None) -> str:
-        """The model's reply to a conversation [{"role": "user", "content": ...}, ...]."""
+        """The model's reply to a conversation [{"role": "user", "content": ...}, ...];
+        `stream(text_piece)` gets the reply as it is generated."""
         tok = self._need_tokenizer()
         ids = tok.encode_chat(messages, add_generation_prompt=True)
         stop_ids = tuple(self.config.eos_token_ids) + (tok.token_id("<end_of_turn>"),)
+        on_text = None if stream is None else (lambda _row, piece: stream(piece))
         return self._generate_text([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, (),
-                                   stream)[0]
+                                   on_text)[0]
 
     def _generate_text(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
                        stop_strings, stream):

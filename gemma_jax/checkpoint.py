@@ -109,6 +109,8 @@ def save(directory: Path, config: GemmaConfig, params: dict[str, np.ndarray], pa
 def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
     """(config, param dtype name) of a converted checkpoint; refuses anything else."""
     directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     path = directory / CONFIG_FILE

@@ -75,17 +75,21 @@ def _sampling_kwargs(args) -> dict:
 
 def _generate(args) -> None:
     model = _load(args)
+    shown = []  # the prompt is echoed with the first piece, so a refused request prints nothing
 
-    def show(_row, piece):
+    def show(piece):
+        if not shown and not args.chat:
+            sys.stdout.write(args.prompt)
+        shown.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     if args.chat:
-        model.chat([{"role": "user", "content": args.prompt}], stream=lambda piece: show(0, piece),
-                   **_sampling_kwargs(args))
+        model.chat([{"role": "user", "content": args.prompt}], stream=show, **_sampling_kwargs(args))
     else:
+        model.generate(args.prompt, stream=lambda _row, piece: show(piece), **_sampling_kwargs(args))
+    if not shown and not args.chat:
         sys.stdout.write(args.prompt)
-        model.generate(args.prompt, stream=show, **_sampling_kwargs(args))
     sys.stdout.write("\n")
 
 

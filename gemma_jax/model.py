@@ -3,9 +3,14 @@
 Shapes: B batch, T query length, S key length, D model, N query heads, K kv heads, G = N // K,
 H head dim, F ffn hidden, V vocab. Weights are 2-D [in, out] so that every projection is a plain
 row-major matrix product (fast batch-1 decode on XLA:CPU).
+
+Hook sites: every activation passes through `hook(name, value) -> value` when a hook is given
+(TransformerLens names, see hooks.py); with hook=None the program is exactly the plain forward.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,12 @@ from flax import nnx
 from gemma_jax import cache as kv
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
+
+Hook = Callable[[str, jax.Array], jax.Array]
+
+
+def _site(hook: Hook | None, name: str, value: jax.Array) -> jax.Array:
+    return value if hook is None else hook(name, value)
 
 _MASKED = -2.3819763e38  # finite "minus infinity": a query with no visible key stays NaN-free
 
@@ -47,15 +58,17 @@ class Attention(nnx.Module):
         self.softcap = config.attn_logit_softcapping
         self.rope_theta = config.rope_theta
         self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.name = f"blocks.{layer}.attn"
 
-    def __call__(self, x, positions, layer_cache: kv.LayerKV | None, end, attend_cache: bool):
+    def __call__(self, x, positions, layer_cache: kv.LayerKV | None, end, attend_cache: bool, hook=None):
         b, t, _ = x.shape
         dt = x.dtype
         q = (x @ self.q[...].astype(dt)).reshape(b, t, self.num_heads, self.head_dim)
         k = (x @ self.k[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = (x @ self.v[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q = rope(q, positions, self.rope_theta)
-        k = rope(k, positions, self.rope_theta)
+        q = _site(hook, f"{self.name}.hook_q", rope(q, positions, self.rope_theta))
+        k = _site(hook, f"{self.name}.hook_k", rope(k, positions, self.rope_theta))
+        v = _site(hook, f"{self.name}.hook_v", v)
 
         keys, values, key_pos = k, v, positions
         if layer_cache is not None and attend_cache:
@@ -70,8 +83,14 @@ class Attention(nnx.Module):
         scores = softcap(scores.astype(jnp.float32), self.softcap)  # soft-cap before the mask
         mask = attention_mask(positions, key_pos, self.window)[:, None, None]
         scores = jnp.where(mask, scores, _MASKED)
+        if hook is not None:  # sites see [B, N, T, S]
+            scores = hook(f"{self.name}.hook_attn_scores", scores.reshape(b, self.num_heads, t, -1)
+                          ).reshape(scores.shape)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        if hook is not None:
+            probs = hook(f"{self.name}.hook_pattern", probs.reshape(b, self.num_heads, t, -1)).reshape(probs.shape)
         z = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, -1)
+        z = _site(hook, f"{self.name}.hook_z", z)
         out = z @ self.o[...].astype(dt)
 
         new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
@@ -81,16 +100,19 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """down(gelu_tanh(gate(x)) * up(x)), with gate and up fused into one [D, 2, F] weight."""
 
-    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         d, f = config.hidden_size, config.intermediate_size
         self.gate_up = _dense(rngs, (d, 2, f), param_dtype)
         self.down = _dense(rngs, (f, d), param_dtype)
+        self.name = f"blocks.{layer}.mlp"
 
-    def __call__(self, x):
+    def __call__(self, x, hook=None):
         dt = x.dtype
         w = self.gate_up[...]
         gate_up = (x @ w.reshape(w.shape[0], -1).astype(dt)).reshape(*x.shape[:-1], 2, w.shape[-1])
-        hidden = jax.nn.gelu(gate_up[..., 0, :], approximate=True) * gate_up[..., 1, :]
+        gate = _site(hook, f"{self.name}.hook_pre", gate_up[..., 0, :])
+        up = _site(hook, f"{self.name}.hook_pre_linear", gate_up[..., 1, :])
+        hidden = _site(hook, f"{self.name}.hook_post", jax.nn.gelu(gate, approximate=True) * up)
         return hidden @ self.down[...].astype(dt)
 
 
@@ -103,15 +125,19 @@ class Block(nnx.Module):
         self.attn = Attention(config, layer, rngs=rngs, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
         self.pre_ffw_norm = RMSNorm(d, eps, param_dtype=param_dtype)
-        self.mlp = MLP(config, rngs=rngs, param_dtype=param_dtype)
+        self.mlp = MLP(config, layer, rngs=rngs, param_dtype=param_dtype)
         self.post_ffw_norm = RMSNorm(d, eps, param_dtype=param_dtype)
+        self.name = f"blocks.{layer}"
 
-    def __call__(self, x, positions, layer_cache, end, attend_cache):
+    def __call__(self, x, positions, layer_cache, end, attend_cache, hook=None):
+        x = _site(hook, f"{self.name}.hook_resid_pre", x)
         with jax.named_scope("attention"):
-            attn, layer_cache = self.attn(self.pre_attn_norm(x), positions, layer_cache, end, attend_cache)
-        x = x + self.post_attn_norm(attn)
+            attn, layer_cache = self.attn(self.pre_attn_norm(x), positions, layer_cache, end, attend_cache, hook)
+        x = _site(hook, f"{self.name}.hook_resid_mid",
+                  x + _site(hook, f"{self.name}.hook_attn_out", self.post_attn_norm(attn)))
         with jax.named_scope("mlp"):
-            x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+            mlp_out = _site(hook, f"{self.name}.hook_mlp_out", self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), hook)))
+        x = _site(hook, f"{self.name}.hook_resid_post", x + mlp_out)
         return x, layer_cache
 
 
@@ -127,28 +153,28 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache | None = None,
-                 *, attend_cache: bool = True) -> tuple[jax.Array, kv.KVCache | None]:
+                 *, attend_cache: bool = True, hook: Hook | None = None) -> tuple[jax.Array, kv.KVCache | None]:
         """tokens, positions [B, T] (position -1 = padding) -> final-normed hidden [B, T, D], cache.
 
         With a cache, queries also see the cached positions (unless attend_cache=False, for a
         prefill into an empty cache) and the new keys/values are written into it.
         """
-        x = self.embedder.encode(tokens, self.dtype)
+        x = _site(hook, "hook_embed", self.embedder.encode(tokens, self.dtype))
         new_layers = []
         for i, block in enumerate(self.blocks):
             with jax.named_scope(f"block_{i}"):
                 layer_cache = None if cache is None else cache.layers[i]
                 end = None if cache is None else cache.end
-                x, layer_cache = block(x, positions, layer_cache, end, attend_cache)
+                x, layer_cache = block(x, positions, layer_cache, end, attend_cache, hook)
             new_layers.append(layer_cache)
-        x = self.final_norm(x)
+        x = _site(hook, "ln_final.hook_normalized", self.final_norm(x))
         if cache is not None:
             cache = kv.KVCache(tuple(new_layers), kv.advance(cache.end, positions))
         return x, cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, hook: Hook | None = None) -> jax.Array:
         """Final-normed hidden [..., D] -> soft-capped float32 logits [..., V]."""
-        return softcap(self.embedder.decode(hidden), self.config.final_logit_softcapping)
+        return _site(hook, "hook_logits", softcap(self.embedder.decode(hidden), self.config.final_logit_softcapping))
 
 
 def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32) -> Transformer:
