@@ -35,11 +35,25 @@ def _forward_logits(graphdef, state, tokens, positions):
 class Gemma:
     """A loaded model: config, parameters (an nnx State), compute dtype and optional tokenizer."""
 
-    def __init__(self, model: Transformer, tokenizer=None):
+    def __init__(self, model: Transformer, tokenizer=None, mesh: jax.sharding.Mesh | None = None):
         self.config: GemmaConfig = model.config
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = tokenizer
+        self.mesh = mesh
+        self._forward = _forward_logits if mesh is None else jax.jit(
+            _forward_logits.__wrapped__, static_argnums=0,
+            out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def new_cache(self, batch: int, max_length: int) -> kv.KVCache:
+        """An empty KV cache, laid out over the mesh when there is one."""
+        if self.mesh is None:
+            return kv.init_cache(self.config, batch, max_length, self.dtype)
+        from gemma_jax.sharding import cache_sharding
+        layer = cache_sharding(self.config, self.mesh, batch)
+        out = kv.KVCache(tuple(kv.LayerKV(layer, layer) for _ in range(self.config.num_hidden_layers)),
+                         jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return jax.jit(lambda: kv.init_cache(self.config, batch, max_length, self.dtype), out_shardings=out)()
 
     @property
     def model(self) -> Transformer:
@@ -70,7 +84,7 @@ class Gemma:
                                   f"{self.config.max_position_embeddings}")
         tokens = np.where(mask.astype(bool), tokens, self.config.pad_token_id).astype(np.int32)
         tokens, positions = jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask))
-        out = np.asarray(_forward_logits(self.graphdef, self.state, tokens, positions), dtype=np.float32)
+        out = np.asarray(self._forward(self.graphdef, self.state, tokens, positions), dtype=np.float32)
         if check_finite and not np.isfinite(out).all():
             flags = hooks.finite_by_site(self.graphdef, self.state, tokens, positions)
             first = next((n for n in hooks.site_names(self.config) if not bool(flags[n])), "hook_logits")
@@ -95,7 +109,7 @@ class Gemma:
             return (empty, [[] for _ in prompts]) if return_logprobs else empty
         stop_ids = list(self.config.eos_token_ids if stop_ids is None else stop_ids)
         cache_len = sampler.bucket(max(map(len, prompts)) + max_new_tokens, 32)
-        cache = kv.init_cache(self.config, len(prompts), cache_len, self.dtype)
+        cache = self.new_cache(len(prompts), cache_len)
         result, _ = sampler.run(self.graphdef, self.state, cache, prompts, [0] * len(prompts), max_new_tokens,
                                 sampling, seed, stop_ids, self.config.pad_token_id, fresh=True, stream=stream)
         return (result.tokens, result.logprobs) if return_logprobs else result.tokens
@@ -201,8 +215,12 @@ class TextStream:
         return piece
 
 
-def load(ckpt_dir: str | Path, dtype: str | None = None) -> Gemma:
-    """Load a converted checkpoint. dtype: 'float32' | 'bfloat16' | None (the stored dtype)."""
+def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Gemma:
+    """Load a converted checkpoint. dtype: 'float32' | 'bfloat16' | None (the stored dtype).
+
+    With a mesh (see sharding.make_mesh) the params are restored straight into sharded arrays:
+    each process reads only the shards its devices hold.
+    """
     ckpt_dir = Path(ckpt_dir)
     config, stored = checkpoint.read_meta(ckpt_dir)
     dtype = dtype or stored
@@ -210,9 +228,13 @@ def load(ckpt_dir: str | Path, dtype: str | None = None) -> Gemma:
         raise GenerationError(f"dtype {dtype!r} is not supported (float32 or bfloat16)")
     jdtype = DTYPES[dtype]
     abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    expected = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
-                for k, v in checkpoint.param_shapes(abstract).items()}
+    shapes = checkpoint.param_shapes(abstract)
+    if mesh is None:
+        shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    else:
+        from gemma_jax.sharding import param_shardings
+        shardings = param_shardings(shapes, config, mesh)
+    expected = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()}
     params = checkpoint.restore(ckpt_dir, expected)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, checkpoint.unflatten(params))
@@ -221,4 +243,4 @@ def load(ckpt_dir: str | Path, dtype: str | None = None) -> Gemma:
     if (ckpt_dir / "tokenizer.model").is_file():
         from gemma_jax.tokenizer import Tokenizer
         tokenizer = Tokenizer.load(ckpt_dir / "tokenizer.model")
-    return Gemma(model, tokenizer)
+    return Gemma(model, tokenizer, mesh)

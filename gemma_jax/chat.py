@@ -47,7 +47,7 @@ class ChatSession:
         config = self.model.config
         if self.cache is None:
             self.capacity = sampler.bucket(needed, 256)
-            self.cache = kv.init_cache(config, 1, self.capacity, self.model.dtype)
+            self.cache = self.model.new_cache(1, self.capacity)
         elif needed > self.capacity:
             self.capacity = sampler.bucket(needed, 256)
             self.cache = kv.grow(self.cache, config, self.capacity)
