@@ -99,7 +99,9 @@ def run_with_hooks(model, tokens, hooks: Mapping[str, HookFn], names=(), attenti
 # --------------------------------------------------------------------------------- edits
 def head_ablation(config, head: int) -> HookFn:
     """Zero query head `head` at `blocks.L.attn.hook_z` (before the output projection)."""
-    h = config.head_dim
+    h, n = config.head_dim, config.num_attention_heads
+    if not 0 <= head < n:  # an out-of-range .at[] update would be silently dropped
+        raise GenerationError(f"head {head} is out of range: the model has {n} query heads")
 
     def fn(z):
         return z.reshape(*z.shape[:-1], -1, h).at[..., head, :].set(0).reshape(z.shape)
@@ -133,17 +135,14 @@ def logit_lens(model, tokens, attention_mask=None) -> np.ndarray:
     RMSNorm, unembedding and final soft-cap (nothing is linearized)."""
     names = resolve(model.config, "blocks.*.hook_resid_post")
     _, store = run_with_cache(model, tokens, names, attention_mask)
-    unembed = _unembed(model)
-    return np.stack([np.asarray(unembed(jnp.asarray(store[n]))) for n in names])
+    return np.stack([np.asarray(_unembed(model.graphdef, model.state, jnp.asarray(store[n]))) for n in names])
 
 
-def _unembed(model):
-    m = model.model
-
-    @jax.jit
-    def fn(resid):
-        return m.logits(m.final_norm(resid))
-    return fn
+@functools.partial(jax.jit, static_argnums=0)
+def _unembed(graphdef, state, resid):
+    # Parameters are arguments, not closed-over constants: no weights baked into the program.
+    m = nnx.merge(graphdef, state)
+    return m.logits(m.final_norm(resid))
 
 
 def direct_logit_attribution(model, tokens, token_ids, position: int = -1, attention_mask=None):
@@ -180,6 +179,7 @@ def attribution_patching(model, clean, corrupt, names, metric: Callable[[jax.Arr
     names = resolve(model.config, names)
     clean_t, pos = _inputs(model, clean)
     corrupt_t, _ = _inputs(model, corrupt)
+    _check_same_shape(clean_t, corrupt_t)
     _, clean_acts = run_with_cache(model, clean_t, names)
     _, corrupt_acts = run_with_cache(model, corrupt_t, names)
     grads = _site_grads(model.graphdef, model.state, corrupt_t, pos, names, metric)
@@ -215,13 +215,17 @@ def patching_sweep(model, clean, corrupt, site_pattern: str, metric: Callable[[j
                               "attention scores/patterns are [B, N, T, S]")
     clean_t, pos = _inputs(model, clean)
     corrupt_t, _ = _inputs(model, corrupt)
-    if clean_t.shape != corrupt_t.shape:
-        raise GenerationError(f"clean and corrupt must have the same shape, got "
-                              f"{list(clean_t.shape)} and {list(corrupt_t.shape)}")
+    _check_same_shape(clean_t, corrupt_t)
     _, clean_acts = run_with_cache(model, clean_t, names)
     rows = [np.asarray(_sweep_site(model.graphdef, model.state, corrupt_t, pos, name,
                                    jnp.asarray(clean_acts[name]), metric)) for name in names]
     return names, np.stack(rows)
+
+
+def _check_same_shape(clean, corrupt):
+    if clean.shape != corrupt.shape:
+        raise GenerationError(f"clean and corrupt must have the same shape, got "
+                              f"{list(clean.shape)} and {list(corrupt.shape)}")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 6))

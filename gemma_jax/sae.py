@@ -19,7 +19,10 @@ SITES = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_ml
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class JumpReLUSAE:
-    """f = JumpReLU_theta(x @ W_enc + b_enc); x_hat = f @ W_dec + b_dec."""
+    """f = JumpReLU_theta(x @ W_enc + b_enc); x_hat = f @ W_dec + b_dec.
+
+    JumpReLU_theta(z) = z if z > theta and z > 0, else 0 (Gemma Scope: (z > theta) * relu(z)).
+    """
 
     W_enc: jax.Array      # [d, f]
     W_dec: jax.Array      # [f, d]
@@ -31,16 +34,25 @@ class JumpReLUSAE:
     def load(cls, path: str | Path) -> JumpReLUSAE:
         """From a Gemma Scope `params.npz`."""
         path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such SAE file")
         try:
-            with np.load(path) as data:
-                arrays = {k: jnp.asarray(data[k], jnp.float32) for k in ("W_enc", "W_dec", "b_enc", "b_dec",
-                                                                          "threshold")}
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no such SAE file") from None
-        except KeyError as e:
-            raise CheckpointError(f"{path}: SAE params.npz lacks array {e.args[0]!r}") from None
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
+            data = np.load(path)
+        except Exception as e:  # not .npz/.npy, truncated, or pickled (refused)
+            raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path}: not an .npz archive (expected Gemma Scope params.npz)")
+        with data:
+            missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if k not in data.files]
+            if missing:
+                raise CheckpointError(f"{path}: SAE params.npz lacks arrays {missing} (has {sorted(data.files)})")
+            try:
+                arrays = {k: jnp.asarray(data[k], jnp.float32)
+                          for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+            except Exception as e:
+                raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        if arrays["W_enc"].ndim != 2:
+            raise CheckpointError(f"{path}: W_enc has shape {list(arrays['W_enc'].shape)}, expected [d_in, d_sae]")
         d, f = arrays["W_enc"].shape
         want = {"W_dec": (f, d), "b_enc": (f,), "b_dec": (d,), "threshold": (f,)}
         for k, shape in want.items():
@@ -54,7 +66,7 @@ class JumpReLUSAE:
 
     def encode(self, x: jax.Array) -> jax.Array:
         pre = x.astype(jnp.float32) @ self.W_enc + self.b_enc
-        return jnp.where(pre > self.threshold, pre, 0.0)
+        return jnp.where((pre > self.threshold) & (pre > 0), pre, 0.0)
 
     def decode(self, f: jax.Array) -> jax.Array:
         return f @ self.W_dec + self.b_dec
