@@ -2,7 +2,8 @@
 
 Layout of a converted checkpoint:
     params/              Orbax (flat dict: "blocks/3/attn/q" -> array, layouts as in model.py)
-    gemma_config.json    {"format": 1, "param_dtype": ..., "config": GemmaConfig.to_dict()}
+    gemma_config.json    {"format": 1, "param_dtype": ..., "config": GemmaConfig.to_dict(),
+                          "params_files": {path under params/: size}}  (written last)
     tokenizer.model ...  copied from the HF directory when present
 """
 
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.errors import CheckpointError, ConfigError, GemmaError
 
 FORMAT = 1
 CONFIG_FILE = "gemma_config.json"
@@ -60,41 +65,144 @@ def param_shapes(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def _work_name(out_dir: Path, kind: str, pid: int | None = None) -> str:
+    """Name of a sibling that a conversion into out_dir works in: `.NAME.partial-HOST-PID`."""
+    return f".{out_dir.name}.{kind}-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def is_work_dir(path: Path) -> bool:
+    """Whether path is a conversion's temporary sibling (unfinished, or a replaced checkpoint)."""
+    return re.fullmatch(r"\..+\.(partial|old)-(.+-)?\d+", Path(path).name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out_dir: Path) -> None:
+    """Remove what killed conversions on this host left beside out_dir.
+
+    A dead process's `.partial-*` is removed. A dead process's `.old-*` is the checkpoint it was
+    replacing (it died between the two renames): it is put back when out_dir is missing.
+    """
+    prefix = f".{out_dir.name}."
+    host = socket.gethostname()
+    for path in sorted(out_dir.parent.glob(f"{glob.escape(prefix)}*")):
+        m = re.fullmatch(re.escape(prefix) + r"(partial|old)-(.+)-(\d+)", path.name)
+        if not m or m[2] != host or _pid_alive(int(m[3])):
+            continue
+        if m[1] == "old" and not (out_dir.exists() or out_dir.is_symlink()):
+            os.rename(path, out_dir)
+        else:
+            _remove(path)
+
+
+def _write_error(e: BaseException, out_dir: Path) -> CheckpointError | None:
+    """The one-line error for an I/O failure while writing: the OSError itself, or a full disk
+    anywhere in the exception's chain (Orbax wraps I/O errors in its own)."""
+    if isinstance(e, OSError):
+        os_error = e
+    else:
+        os_error, seen = None, set()
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                os_error = e
+                break
+            e = e.__cause__ or e.__context__
+        if os_error is None:
+            return None
+    if os_error.errno == errno.ENOSPC:
+        return CheckpointError(f"{out_dir}: no space left on device while writing the checkpoint")
+    if os_error.errno == errno.EDQUOT:
+        return CheckpointError(f"{out_dir}: disk quota exceeded while writing the checkpoint")
+    where = f": {os_error.filename}" if os_error.filename else ""
+    return CheckpointError(f"{out_dir}: cannot write the checkpoint ({os_error.strerror or os_error}{where})")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _looks_replaceable(path: Path) -> bool:
+    """--force replaces a gemma_jax checkpoint (complete or not) or an empty directory, nothing else."""
+    if not path.is_dir():
+        return False
+    return (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists() or not any(path.iterdir())
+
+
+def check_output_dir(out_dir: Path, force: bool) -> Path:
+    """Refuse an output directory that cannot be (re)written, before any work is done.
+
+    Also removes what conversions killed on this host left beside out_dir (see _clean_stale).
+    Returns out_dir made absolute.
+    """
+    out_dir = Path(out_dir).absolute()
+    parent = out_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise CheckpointError(f"{parent}: not a directory (cannot create {out_dir.name} in it)")
+    if not parent.is_dir():
+        raise CheckpointError(f"{parent}: output parent directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{parent}: not writable (cannot create {out_dir.name} in it)")
+    try:
+        _clean_stale(out_dir)
+    except OSError:
+        pass  # best effort; the conversion itself reports real write errors
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise CheckpointError(f"{out_dir}: already exists (use --force to replace it)")
+        if not _looks_replaceable(out_dir):
+            raise CheckpointError(f"{out_dir}: exists and is not a gemma_jax checkpoint; not replacing it "
+                                  "even with --force (remove it yourself)")
+    return out_dir
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside out_dir that replaces it only once the block completes.
 
-    An existing out_dir is refused without force; with force it is removed only after the new
-    directory is complete. On any error the temporary directory is removed.
+    An existing out_dir is refused without force; with force it is replaced only after the new
+    directory is complete (and only if it is a checkpoint or empty). On any error the temporary
+    directory is removed; one left by a killed process is removed by the next conversion.
     """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not force:
-        raise CheckpointError(f"{out_dir}: already exists (use --force to replace it)")
+    out_dir = check_output_dir(out_dir, force)
     parent = out_dir.parent
-    if not parent.is_dir():
-        raise CheckpointError(f"{parent}: output parent directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"{parent}: not writable")
-    tmp = parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = parent / _work_name(out_dir, "partial")
+    _remove(tmp)
     try:
         tmp.mkdir()
         yield tmp
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists() or out_dir.is_symlink():
+            if not force:  # made by someone else while this conversion ran
+                raise CheckpointError(f"{out_dir}: already exists (created while converting; use --force "
+                                      "to replace it)")
+            old = parent / _work_name(out_dir, "old")
+            _remove(old)
             os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+            _remove(old)
         else:
             os.rename(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"{out_dir}: no space left on device while writing") from None
-        raise CheckpointError(f"{out_dir}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        _remove(tmp)
+        error = _write_error(e, out_dir) if isinstance(e, Exception) and not isinstance(e, GemmaError) else None
+        if error is None:
+            raise
+        raise error from None
 
 
 def save(directory: Path, config: GemmaConfig, params: dict[str, np.ndarray], param_dtype: str) -> None:
@@ -102,8 +210,34 @@ def save(directory: Path, config: GemmaConfig, params: dict[str, np.ndarray], pa
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(Path(directory).absolute() / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
-    meta = {"format": FORMAT, "param_dtype": param_dtype, "config": config.to_dict()}
+    meta = {"format": FORMAT, "param_dtype": param_dtype, "config": config.to_dict(),
+            "params_files": _list_files(Path(directory) / PARAMS_DIR)}
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _list_files(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file under directory (what load checks before Orbax reads)."""
+    return {p.relative_to(directory).as_posix(): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _check_files(directory: Path, listed: Any, meta_path: Path) -> None:
+    """Every file save() wrote under params/ is there with its size: a deleted or truncated file is
+    named here, before Orbax meets it. (Checkpoints without the list skip this check.)"""
+    if listed is None:
+        return
+    if not isinstance(listed, dict) or not all(isinstance(v, int) for v in listed.values()):
+        raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata (bad 'params_files')")
+    params = directory / PARAMS_DIR
+    missing = [name for name in listed if not (params / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: incomplete checkpoint: {PARAMS_DIR}/{missing[0]} is missing "
+                              "(convert again)")
+    for name, size in listed.items():
+        actual = (params / name).stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{params / name}: truncated or corrupt ({actual} bytes, expected {size}; "
+                                  "convert again)")
 
 
 def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
@@ -112,27 +246,61 @@ def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
+        raise CheckpointError(f"{directory}: not a directory (expected a checkpoint made by 'gemma-jax convert')")
+    if is_work_dir(directory):
+        raise CheckpointError(f"{directory}: an unfinished or replaced conversion's temporary directory, "
+                              "not a checkpoint (convert again)")
     path = directory / CONFIG_FILE
     if not path.is_file():
-        hint = " (it looks like a Hugging Face directory: run 'gemma-jax convert' first)" \
-            if (directory / "config.json").is_file() else ""
-        raise CheckpointError(f"{directory}: not a gemma_jax checkpoint (no {CONFIG_FILE}){hint}")
+        if (directory / PARAMS_DIR).exists():
+            raise CheckpointError(f"{directory}: incomplete checkpoint (no {CONFIG_FILE}; convert again)")
+        if (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory}: a Hugging Face model directory, not a gemma_jax checkpoint "
+                                  f"(run 'gemma-jax convert {directory} OUT_DIR' first, then load OUT_DIR)")
+        raise CheckpointError(f"{directory}: not a gemma_jax checkpoint (no {CONFIG_FILE})")
     try:
-        meta = json.loads(path.read_text())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
-        dtype = meta["param_dtype"]
-        if dtype not in DTYPE_NAMES:
-            raise CheckpointError(f"{path}: unsupported param_dtype {dtype!r}")
+        meta = json.loads(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (not valid JSON: {e.msg}: line "
+                              f"{e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (not UTF-8 text)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (not a JSON object)")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    for key in ("param_dtype", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: corrupt checkpoint metadata (no {key!r})")
+    dtype = meta["param_dtype"]
+    if dtype not in DTYPE_NAMES:
+        raise CheckpointError(f"{path}: unsupported param_dtype {dtype!r}")
+    try:
         config = GemmaConfig.from_dict(meta["config"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{path}: corrupt checkpoint metadata") from None
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if not (directory / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"{directory}: incomplete checkpoint (no {PARAMS_DIR}/ directory)")
+        raise CheckpointError(f"{directory}: incomplete checkpoint (no {PARAMS_DIR}/ directory; convert again)")
+    _check_files(directory, meta.get("params_files"), path)
     return config, dtype
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -140,19 +308,28 @@ def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[
     path = Path(directory).absolute() / PARAMS_DIR
     checkpointer = ocp.StandardCheckpointer()
     try:
-        stored = checkpointer.metadata(path).item_metadata.tree
+        with _quiet_absl():  # Orbax logs its own warning for a damaged directory; ours is the error below
+            item = checkpointer.metadata(path).item_metadata
     except Exception as e:  # orbax raises many types for a damaged directory
-        raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint ({_first_line(e)})") from None
+    stored = getattr(item, "tree", None)
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint (cannot read its list of "
+                              "params; convert again)")
     missing = sorted(set(expected) - set(stored))
     unknown = sorted(set(stored) - set(expected))
     if missing or unknown:
-        raise CheckpointError(f"{path}: params do not match the config: missing {missing[:3]}, "
-                              f"unexpected {unknown[:3]}")
+        first = f"needs param {missing[0]!r}, which is not stored" if missing else \
+            f"has no place for stored param {unknown[0]!r}"
+        raise CheckpointError(f"{path}: params do not match {CONFIG_FILE}: the config {first} "
+                              f"({len(missing)} missing, {len(unknown)} unexpected)")
     for name, want in expected.items():
         if tuple(stored[name].shape) != tuple(want.shape):
             raise CheckpointError(f"{path}: param {name!r} has shape {list(stored[name].shape)}, "
-                                  f"the config needs {list(want.shape)}")
+                                  f"{CONFIG_FILE} needs {list(want.shape)}")
     try:
-        return checkpointer.restore(path, expected)
+        with _quiet_absl():
+            return checkpointer.restore(path, expected)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot restore params ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint, cannot restore params "
+                              f"({_first_line(e)})") from None

@@ -6,11 +6,24 @@ import argparse
 import os
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
-from gemma_jax.errors import GemmaError
+from gemma_jax.errors import GemmaError, GemmaWarning, GenerationError
 
 DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma_jax" / "xla"
+
+
+class _UsageError(Exception):
+    """A command-line mistake found by argparse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), reported by main() like any other."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -24,7 +37,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma-jax", description="Gemma 2 in JAX: convert, generate, chat.")
+    parser = _Parser(prog="gemma-jax", description="Gemma 2 in JAX: convert, generate, chat.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--compile-cache", type=Path, default=DEFAULT_COMPILE_CACHE,
                         help=f"persistent XLA compilation cache directory (default: {DEFAULT_COMPILE_CACHE})")
@@ -34,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face Gemma 2 directory to a gemma_jax checkpoint")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: keep the dtype on disk")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: keep the dtype on disk)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR (only once the new one is complete)")
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -50,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_jax(args) -> None:
     import jax
     if not args.no_compile_cache:
-        args.compile_cache.mkdir(parents=True, exist_ok=True)
+        try:
+            args.compile_cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            warnings.warn(f"{args.compile_cache}: cannot create the compilation cache ({e.strerror or e}); "
+                          "running without it", GemmaWarning)
+            return
         jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -64,6 +82,11 @@ def _convert(args) -> None:
 
 
 def _load(args):
+    """Check the sampling arguments (before spending time on loading), then load the checkpoint."""
+    from gemma_jax.sampler import Sampling
+    Sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise GenerationError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     from gemma_jax.api import load
     return load(args.ckpt, dtype=args.dtype)
 
@@ -123,11 +146,29 @@ def _chat(args) -> None:
 COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, GemmaWarning):
+        print(f"gemma-jax: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status: 0, 2 for a refused input (one line on stderr),
+    1 for a bug (with its traceback), 130 when interrupted. --debug re-raises instead."""
     try:
-        _setup_jax(args)
-        COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"gemma-jax: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            _setup_jax(args)
+            COMMANDS[args.command](args)
     except GemmaError as e:
         if args.debug:
             raise
@@ -136,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        traceback.print_exc()
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"gemma-jax: internal error: {type(e).__name__}{': ' + detail if detail else ''} "
+              "(a bug: please report it with the traceback above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,17 @@ from gemma_jax.errors import ConfigError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# model_type values of neighbouring families, named in the refusal.
+OTHER_FAMILIES = {"gemma": "Gemma 1", "gemma3": "Gemma 3", "gemma3_text": "Gemma 3",
+                  "gemma3n": "Gemma 3n", "recurrent_gemma": "RecurrentGemma", "paligemma": "PaliGemma"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,22 +52,43 @@ class GemmaConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
                      "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        for name, allow_none in (("query_pre_attn_scalar", False), ("rope_theta", False), ("rms_norm_eps", False),
+                                 ("attn_logit_softcapping", True), ("final_logit_softcapping", True)):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                continue
+            zero_ok = name == "rms_norm_eps"
+            if not _is_number(value) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                kind = "a number >= 0" if zero_ok else "a number > 0" + (" or null" if allow_none else "")
+                raise ConfigError(f"config field {name!r} must be {kind}, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        if not isinstance(self.layer_types, tuple) or not all(isinstance(t, str) for t in self.layer_types):
+            raise ConfigError(f"config field 'layer_types' must be a list of strings, got {self.layer_types!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries but "
                               f"num_hidden_layers is {self.num_hidden_layers}")
         bad = sorted(set(self.layer_types) - {SLIDING, FULL})
         if bad:
             raise ConfigError(f"layer_types has unknown kinds {bad}; expected {SLIDING!r} or {FULL!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"config field 'tie_word_embeddings' must be true or false, "
+                              f"got {self.tie_word_embeddings!r}")
         if not self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=false is not a Gemma 2 model (no lm_head is supported)")
-        if self.query_pre_attn_scalar <= 0:
-            raise ConfigError(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
+        ids = [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id)]
+        if not isinstance(self.eos_token_ids, tuple) or not self.eos_token_ids:
+            raise ConfigError(f"config field 'eos_token_id' must be a token id or a non-empty list of them, "
+                              f"got {self.eos_token_ids!r}")
+        ids += [("eos_token_id", t) for t in self.eos_token_ids]
+        for name, value in ids:
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"config field {name!r} must be a token id in [0, {self.vocab_size}), "
+                                  f"got {value!r}")
 
     @property
     def num_groups(self) -> int:
@@ -75,6 +107,8 @@ class GemmaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GemmaConfig:
         """Inverse of to_dict (our own config.json in a converted checkpoint)."""
+        if not isinstance(d, dict):
+            raise ConfigError("config must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -84,64 +118,71 @@ class GemmaConfig:
         if missing:
             raise ConfigError(f"config is missing fields {missing}")
         d = dict(d)
-        d["layer_types"] = tuple(d["layer_types"])
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        for name in ("layer_types", "eos_token_ids"):
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
         return cls(**d)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GemmaConfig:
         """Build from a Hugging Face Gemma 2 `config.json` dict; refuses anything else."""
         if not isinstance(hf, dict):
-            raise ConfigError("config.json must hold a JSON object")
+            raise ConfigError("must hold a JSON object")
         model_type = hf.get("model_type")
         if model_type != "gemma2":
-            raise ConfigError(f"config.json model_type is {model_type!r}; only 'gemma2' (Gemma 2) is supported")
+            family = f" ({OTHER_FAMILIES[model_type]})" if model_type in OTHER_FAMILIES else ""
+            raise ConfigError(f"model_type is {model_type!r}{family}; only 'gemma2' (Gemma 2) is supported")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim",
                     "query_pre_attn_scalar", "sliding_window")
         missing = [k for k in required if hf.get(k) is None]
         if missing:
-            raise ConfigError(f"config.json is missing required fields {missing}")
+            raise ConfigError(f"missing required field{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(map(repr, missing))}")
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act != "gelu_pytorch_tanh":
-            raise ConfigError(f"config.json hidden_activation {act!r} is not supported (Gemma 2 uses gelu_pytorch_tanh)")
+            raise ConfigError(f"hidden_activation {act!r} is not supported (Gemma 2 uses gelu_pytorch_tanh)")
         if hf.get("attention_bias"):
-            raise ConfigError("config.json attention_bias=true is not a Gemma 2 model")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+            raise ConfigError("attention_bias=true is not a Gemma 2 model")
+        rope_key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+        rope = hf.get(rope_key) or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{rope_key} must be a JSON object, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(f"config.json rope type {rope_type!r} is not supported (only 'default')")
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+            raise ConfigError(f"rope type {rope_type!r} is not supported (only 'default')")
         if "rope_theta" in hf and "rope_theta" in rope and hf["rope_theta"] != rope["rope_theta"]:
-            raise ConfigError(f"config.json rope_theta {hf['rope_theta']} contradicts "
-                              f"rope_parameters.rope_theta {rope['rope_theta']}")
-        layers = hf["num_hidden_layers"]
+            raise ConfigError(f"rope_theta {hf['rope_theta']} contradicts "
+                              f"{rope_key}.rope_theta {rope['rope_theta']}")
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         layer_types = hf.get("layer_types")
-        if layer_types is None:
-            layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
-        eos = hf.get("eos_token_id", 1)
-        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        if layer_types is None and _is_int(hf["num_hidden_layers"]):
+            layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(hf["num_hidden_layers"])]
+        eos = 1 if hf.get("eos_token_id") is None else hf["eos_token_id"]
+
+        def default(key, value):
+            return value if hf.get(key) is None else hf[key]
+
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=layers,
+            num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf["num_key_value_heads"],
             head_dim=hf["head_dim"],
             query_pre_attn_scalar=hf["query_pre_attn_scalar"],
             sliding_window=hf["sliding_window"],
-            layer_types=tuple(layer_types),
+            layer_types=tuple(layer_types) if isinstance(layer_types, list) else layer_types,
             attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0),
             final_logit_softcapping=hf.get("final_logit_softcapping", 30.0),
-            rope_theta=float(theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=hf.get("max_position_embeddings", 8192),
-            tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
-            eos_token_ids=eos,
-            bos_token_id=hf.get("bos_token_id", 2) if hf.get("bos_token_id") is not None else 2,
+            rope_theta=float(theta) if _is_number(theta) else theta,
+            rms_norm_eps=default("rms_norm_eps", 1e-6),
+            max_position_embeddings=default("max_position_embeddings", 8192),
+            tie_word_embeddings=default("tie_word_embeddings", True),
+            pad_token_id=default("pad_token_id", 0),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            bos_token_id=default("bos_token_id", 2),
         )
 
 

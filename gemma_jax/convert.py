@@ -14,7 +14,7 @@ import numpy as np
 
 from gemma_jax import checkpoint
 from gemma_jax.config import GemmaConfig
-from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.errors import CheckpointError, ConfigError, GemmaWarning
 from gemma_jax.safetensors_io import TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,25 +63,28 @@ def hf_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _no_duplicates(what: str):
-    def hook(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise CheckpointError(f"{what}: duplicate key {key!r}")
-            seen.add(key)
+def _read_json(path: Path, error: type) -> dict:
+    """A JSON object from path; a missing, unreadable, non-JSON or duplicate-key file is `error`."""
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise error(f"{path}: duplicate key {dup!r}")
         return dict(pairs)
-    return hook
 
-
-def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text(), object_pairs_hook=_no_duplicates(str(path)))
+        value = json.loads(path.read_bytes(), object_pairs_hook=unique)
     except FileNotFoundError:
-        raise (ConfigError if what == "config" else CheckpointError)(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise (ConfigError if what == "config" else CheckpointError)(
-            f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        raise error(f"{path}: not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def read_hf_config(hf_dir: Path) -> GemmaConfig:
@@ -89,10 +92,12 @@ def read_hf_config(hf_dir: Path) -> GemmaConfig:
     if not hf_dir.exists():
         raise ConfigError(f"{hf_dir}: no such directory")
     if not hf_dir.is_dir():
-        raise ConfigError(f"{hf_dir}: not a directory")
+        raise ConfigError(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
     path = hf_dir / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (is {hf_dir} a Hugging Face model directory?)")
     try:
-        return GemmaConfig.from_hf(_read_json(path, "config"))
+        return GemmaConfig.from_hf(_read_json(path, ConfigError))
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -103,12 +108,15 @@ def tensor_entries(hf_dir: Path) -> dict[str, TensorEntry]:
     hf_dir = Path(hf_dir)
     index = hf_dir / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index, "index").get("weight_map")
+        weight_map = _read_json(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         headers: dict[str, dict[str, TensorEntry]] = {}
         entries = {}
         for key, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{index}: tensor {key!r} is mapped to {shard!r}, not a file name "
+                                      "in this directory")
             shard_path = hf_dir / shard
             if shard not in headers:
                 if not shard_path.is_file():
@@ -119,21 +127,26 @@ def tensor_entries(hf_dir: Path) -> dict[str, TensorEntry]:
             entries[key] = headers[shard][key]
         for shard, header in headers.items():
             for key in header:
-                if weight_map.get(key) != shard:
-                    raise CheckpointError(f"{hf_dir / shard}: tensor {key!r} is not listed for this shard "
-                                          f"in {INDEX_FILE} (duplicate or unknown)")
+                if key not in weight_map:
+                    raise CheckpointError(f"{hf_dir / shard}: tensor {key!r} is not listed in {INDEX_FILE}")
+                if weight_map[key] != shard:
+                    raise CheckpointError(f"{hf_dir / shard}: duplicate tensor {key!r}: also in "
+                                          f"{weight_map[key]}, where {INDEX_FILE} puts it")
         return entries
     single = hf_dir / SINGLE_FILE
     if single.is_file():
         return read_header(single)
-    raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+    hint = " (PyTorch .bin weights are not supported: re-save with safe_serialization=True)" \
+        if any(hf_dir.glob("*.bin")) else ""
+    raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
 def _check_names_and_shapes(config: GemmaConfig, entries: dict[str, TensorEntry], hf_dir: Path) -> None:
     expected = hf_shapes(config)
     unknown = sorted(set(entries) - set(expected) - {_TIED_HEAD})
     if unknown:
-        raise CheckpointError(f"{hf_dir}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
+        raise CheckpointError(f"{entries[unknown[0]].file}: unknown tensor {unknown[0]!r} "
+                              f"({len(unknown)} unknown in all; not part of a Gemma 2 model with this config.json)")
     missing = [k for k in expected if k not in entries]
     if missing:
         raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
@@ -148,22 +161,25 @@ def _check_names_and_shapes(config: GemmaConfig, entries: dict[str, TensorEntry]
                                   "Gemma 2 ties them and an untied head is not supported")
 
 
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in NP_DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported (choose float32 or bfloat16"
+                              + ("; Gemma 2 overflows in float16)" if dtype == "float16" else ")"))
+
+
 def _choose_dtype(entries: dict[str, TensorEntry], dtype: str | None, hf_dir: Path) -> str:
     if dtype is not None:
-        if dtype not in NP_DTYPES:
-            raise CheckpointError(f"--dtype {dtype!r} is not supported (choose float32 or bfloat16; "
-                                  "float16 overflows in Gemma 2)")
         return dtype
     on_disk = {e.dtype for e in entries.values()}
     if on_disk == {NP_DTYPES["bfloat16"]}:
         return "bfloat16"
     if np.dtype(np.float16) in on_disk:
         warnings.warn(f"{hf_dir}: float16 weights: converting to float32 (Gemma 2 overflows in float16; "
-                      "pass --dtype bfloat16 for half the size)", stacklevel=2)
+                      "pass --dtype bfloat16 for half the size)", GemmaWarning, stacklevel=3)
     return "float32"
 
 
-def _build(how: str, arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+def build_param(how: str, arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     if how == "copy":
         return np.asarray(arrays[0]).astype(dtype)
     if how == "transpose":
@@ -183,6 +199,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
     wraps the tensor loop (a progress bar). The output appears only when complete.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    _check_dtype(dtype)
+    checkpoint.check_output_dir(out_dir, force)  # fail fast, before reading any weights
     config = read_hf_config(hf_dir)
     entries = tensor_entries(hf_dir)
     _check_names_and_shapes(config, entries, hf_dir)
@@ -194,12 +212,12 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
         params = {}
         for ours, (theirs, how) in items:
             arrays = [entries[t].load() for t in theirs]
-            params[ours] = _build(how, arrays, np_dtype)
-        checkpoint.save(tmp, config, params, dtype)
-        del params
+            params[ours] = build_param(how, arrays, np_dtype)
         for name in checkpoint.TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
+        checkpoint.save(tmp, config, params, dtype)  # writes gemma_config.json last
+        del params
     return out_dir
 
 

@@ -19,3 +19,7 @@ class TokenizerError(GemmaError):
 
 class GenerationError(GemmaError):
     """Generation arguments or prompts that cannot be honoured."""
+
+
+class GemmaWarning(UserWarning):
+    """Something accepted but worth a loud note (e.g. float16 weights converted to float32)."""

@@ -23,13 +23,32 @@ class TensorEntry:
     dtype: np.dtype
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
+    key: str = ""
 
     def load(self) -> np.ndarray:
         """A read-only memory map of the tensor (no copy until used)."""
         count = int(np.prod(self.shape, dtype=np.int64))
         if count == 0:
             return np.zeros(self.shape, self.dtype)
-        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        try:
+            return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        except (OSError, ValueError) as e:  # the file changed since its header was read
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.key!r} ({reason})") from None
+
+
+def _unique_keys(path: Path):
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {dup!r} appears twice")
+        return dict(pairs)
+    return hook
+
+
+def _is_uint(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -41,14 +60,17 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors header "
-                                      f"(header says {n} bytes, file has {size})")
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: corrupt safetensors header (says it is {n} bytes long; "
+                                      "not a safetensors file?)")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated safetensors file: the header needs {n + 8} bytes "
+                                      f"but the file has {size}")
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys(path))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -62,16 +84,20 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}") from None
-        if dtype_name not in DTYPES:
+        if not (isinstance(info["shape"], list) and all(map(_is_uint, shape)) and _is_uint(begin)
+                and _is_uint(end)):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r} "
+                                  f"(shape {info['shape']!r}, data_offsets {info['data_offsets']!r})")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype_name} "
                                   f"(supported: {', '.join(DTYPES)})")
         dtype = DTYPES[dtype_name]
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not (0 <= begin <= end) or end - begin != nbytes:
+        if begin > end or end - begin != nbytes:
             raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r} "
                                   f"(offsets {begin}..{end} do not fit shape {list(shape)} {dtype_name})")
         if end > data_size:
             raise CheckpointError(f"{path}: truncated safetensors file: tensor {key!r} ends at byte "
                                   f"{data_start + end} but the file has {size} bytes")
-        entries[key] = TensorEntry(Path(path), dtype, shape, data_start + begin)
+        entries[key] = TensorEntry(Path(path), dtype, shape, data_start + begin, key)
     return entries

@@ -1,0 +1,262 @@
+"""The command line: a refused input is one line on stderr and exit status 2; a bug is a traceback and 1.
+
+Called in-process through `gemma_jax.cli.main` (stderr captured by capsys), plus two real
+`python -m gemma_jax` runs for the exit status end to end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gemma_jax
+from gemma_jax import cli
+from gemma_jax.errors import CheckpointError, ConfigError
+from hf_oracle import hf_model, save
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = os.environ.get("GEMMA_JAX_TOKENIZER_DIR")
+CONVERT_MODULE = sys.modules["gemma_jax.convert"]   # `gemma_jax.convert` is the function
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny HF directory and its conversion (no tokenizer)."""
+    root = tmp_path_factory.mktemp("cli")
+    save(hf_model(seed=0), root / "hf")
+    gemma_jax.convert(root / "hf", root / "ckpt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    """A converted tiny model with the real Gemma 2 tokenizer (vocab 256000, hidden size 8)."""
+    if not (TOKENIZER_DIR and (Path(TOKENIZER_DIR) / "tokenizer.model").is_file()):
+        pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model)")
+    root = tmp_path_factory.mktemp("cli_chat")
+    big = hf_model(seed=1, vocab_size=256000, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                   num_attention_heads=1, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8)
+    save(big, root / "hf")
+    shutil.copy(Path(TOKENIZER_DIR) / "tokenizer.model", root / "hf" / "tokenizer.model")
+    gemma_jax.convert(root / "hf", root / "ckpt")
+    return root / "ckpt"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["--no-compile-cache", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *argv: str, words: tuple[str, ...]) -> str:
+    """Run argv; assert exit 2, nothing on stdout and exactly one `gemma-jax: error:` line."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemma-jax: error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------- convert
+def test_convert_missing_hf_dir(capsys, tmp_path):
+    refused(capsys, "convert", tmp_path / "nope", tmp_path / "out",
+            words=(f"{tmp_path / 'nope'}: no such directory",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_out_exists(capsys, tmp_path, dirs):
+    (tmp_path / "out").mkdir()
+    refused(capsys, "convert", dirs / "hf", tmp_path / "out", words=("already exists", "--force"))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_convert_dtype_float16(capsys, tmp_path, dirs):
+    refused(capsys, "convert", dirs / "hf", tmp_path / "out", "--dtype", "float16",
+            words=("dtype 'float16' is not supported", "overflows"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_bad_tensor_names_the_file(capsys, tmp_path, dirs):
+    shutil.copytree(dirs / "hf", tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])
+    refused(capsys, "convert", tmp_path / "hf", tmp_path / "out",
+            words=(f"{path}: truncated safetensors file",))
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_convert_ok_and_float16_warning_is_one_line(capsys, tmp_path):
+    save(hf_model(seed=2, dtype=torch.float16), tmp_path / "hf16")
+    capsys.readouterr()   # transformers' own progress bar
+    code, out, err = run(capsys, "convert", tmp_path / "hf16", tmp_path / "out")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith("gemma-jax: warning: ") and "float16 weights: converting to float32" in lines[0]
+    assert lines[1].startswith(f"wrote {tmp_path / 'out'} in ")
+    assert json.loads((tmp_path / "out" / "gemma_config.json").read_text())["param_dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------------------- generate
+def test_generate_missing_ckpt(capsys, tmp_path):
+    refused(capsys, "generate", "--ckpt", tmp_path / "nope", "--prompt", "hi",
+            words=(f"{tmp_path / 'nope'}: no such checkpoint directory",))
+
+
+def test_generate_on_hf_dir_hints_convert(capsys, dirs):
+    refused(capsys, "generate", "--ckpt", dirs / "hf", "--prompt", "hi",
+            words=("a Hugging Face model directory", "gemma-jax convert"))
+
+
+def test_generate_incomplete_ckpt(capsys, tmp_path, dirs):
+    shutil.copytree(dirs / "ckpt", tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / "params" / "d")
+    refused(capsys, "generate", "--ckpt", tmp_path / "ckpt", "--prompt", "hi",
+            words=(f"{tmp_path / 'ckpt'}: incomplete checkpoint: params/d/",))
+
+
+def test_generate_damaged_ckpt_without_file_list(capsys, tmp_path, dirs):
+    """A checkpoint from before the file list: Orbax meets the damage, still one line."""
+    shutil.copytree(dirs / "ckpt", tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "gemma_config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["params_files"]
+    meta_path.write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "ckpt" / "params" / "d")
+    refused(capsys, "generate", "--ckpt", tmp_path / "ckpt", "--prompt", "hi",
+            words=(f"{tmp_path / 'ckpt' / 'params'}: incomplete or corrupt Orbax checkpoint",))
+
+
+def test_generate_corrupt_params_is_one_line(capsys, tmp_path, dirs):
+    """Orbax meets the damage (same size, so the file list passes); its own log line is kept quiet."""
+    shutil.copytree(dirs / "ckpt", tmp_path / "ckpt")
+    for path in (tmp_path / "ckpt" / "params" / "d").iterdir():
+        path.write_bytes(bytes(path.stat().st_size))
+    refused(capsys, "generate", "--ckpt", tmp_path / "ckpt", "--prompt", "hi",
+            words=(f"{tmp_path / 'ckpt' / 'params'}: incomplete or corrupt Orbax checkpoint",))
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--temperature", "-1"), ("temperature must be a finite number >= 0, got -1.0",)),
+    (("--top-p", "0"), ("top_p must be in (0, 1], got 0.0",)),
+    (("--top-p", "1.5"), ("top_p must be in (0, 1], got 1.5",)),
+    (("--top-k", "0"), ("top_k must be an integer >= 1, got 0",)),
+    (("--max-new-tokens", "-1"), ("--max-new-tokens must be >= 0, got -1",)),
+])
+def test_generate_bad_sampling_refused_before_loading(capsys, dirs, monkeypatch, args, words):
+    def no_load(*a, **k):
+        raise AssertionError("loaded the checkpoint before checking the arguments")
+    monkeypatch.setattr(gemma_jax.api, "load", no_load)
+    refused(capsys, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", *args, words=words)
+
+
+def test_generate_without_tokenizer(capsys, dirs):
+    refused(capsys, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", words=("no tokenizer.model",))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_too_long_for_the_context(capsys, chat_ckpt, chat):
+    refused(capsys, "generate", "--ckpt", chat_ckpt, "--prompt", "hello", "--max-new-tokens", "100",
+            *(["--chat"] if chat else []), words=("+ max_new_tokens 100 exceeds", "max_position_embeddings 64"))
+
+
+def test_chat_repl_reports_a_refused_turn_and_goes_on(capsys, chat_ckpt, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    code, out, err = run(capsys, "chat", "--ckpt", chat_ckpt, "--max-new-tokens", "100")
+    assert code == 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "max_position_embeddings 64" in errors[0], err
+
+
+# ----------------------------------------------------------------------------------------- usage
+@pytest.mark.parametrize("argv,words", [
+    ((), ("the following arguments are required: command",)),
+    (("frobnicate",), ("invalid choice: 'frobnicate'",)),
+    (("convert",), ("the following arguments are required: hf_dir, out_dir", "gemma-jax convert --help")),
+    (("generate", "--ckpt", "x", "--prompt", "p", "--top-k", "many"), ("argument --top-k: invalid int value",)),
+    (("generate", "--ckpt", "x", "--prompt", "p", "--dtype", "float16"), ("argument --dtype: invalid choice",)),
+    (("chat", "--ckpt", "x", "--bogus"), ("unrecognized arguments: --bogus",)),
+])
+def test_usage_errors_are_one_line(capsys, argv, words):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemma-jax: error: "), err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+# ----------------------------------------------------------------------------------------- --debug, bugs
+def test_debug_reraises(tmp_path):
+    with pytest.raises(ConfigError, match="no such directory"):
+        cli.main(["--debug", "--no-compile-cache", "convert", str(tmp_path / "nope"), str(tmp_path / "out")])
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+def test_unexpected_exception_is_a_bug_exit_1(capsys, tmp_path, dirs, monkeypatch):
+    monkeypatch.setattr(CONVERT_MODULE, "convert", _boom)
+    code, out, err = run(capsys, "convert", dirs / "hf", tmp_path / "out")
+    assert code == 1
+    assert "Traceback (most recent call last)" in err
+    assert err.splitlines()[-1].startswith("gemma-jax: internal error: RuntimeError: boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["--debug", "--no-compile-cache", "convert", str(dirs / "hf"), str(tmp_path / "out")])
+
+
+def test_unexpected_exception_during_conversion_leaves_nothing(capsys, tmp_path, dirs, monkeypatch):
+    monkeypatch.setattr(gemma_jax.checkpoint, "save", _boom)
+    code, _, err = run(capsys, "convert", dirs / "hf", tmp_path / "out")
+    assert code == 1 and "RuntimeError: boom" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keyboard_interrupt_exits_130(capsys, tmp_path, dirs, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gemma_jax.checkpoint, "save", interrupt)
+    code, _, err = run(capsys, "convert", dirs / "hf", tmp_path / "out")
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_compile_cache_is_a_warning(capsys, tmp_path, dirs):
+    (tmp_path / "file").write_text("")
+    code = cli.main(["--compile-cache", str(tmp_path / "file" / "xla"), "convert", str(dirs / "hf"),
+                     str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.splitlines()[0].startswith(f"gemma-jax: warning: {tmp_path / 'file' / 'xla'}: cannot create")
+    with pytest.raises(CheckpointError, match="already exists"):
+        cli.main(["--debug", "--no-compile-cache", "convert", str(dirs / "hf"), str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("argv,words", [
+    (("convert", "{tmp}/nope", "{tmp}/out"), ("{tmp}/nope: no such directory",)),
+    (("generate", "--ckpt", "{hf}", "--prompt", "hi"), ("a Hugging Face model directory",)),
+])
+def test_python_m_gemma_jax_exit_status(tmp_path, dirs, argv, words):
+    fill = lambda s: s.format(tmp=tmp_path, hf=dirs / "hf")  # noqa: E731
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "gemma_jax", "--no-compile-cache", *map(fill, argv)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemma-jax: error: "), proc.stderr
+    assert all(fill(w) in lines[0] for w in words)
