@@ -19,12 +19,12 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import v1 as ocp1
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import CheckpointError, ConfigError, GemmaError
@@ -34,6 +34,15 @@ CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def _save_context() -> ocp1.Context:
+    """Uncompressed arrays (conversion and loading run at disk speed) in chunks of at most 64 MiB,
+    so that a process restoring a sharded model reads little more than its own part of a tensor."""
+    context = ocp1.Context()
+    context.array.saving.use_compression = False
+    context.array.saving.storage_options.chunk_byte_size = 64 << 20
+    return context
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -205,11 +214,14 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         raise error from None
 
 
-def save(directory: Path, config: GemmaConfig, params: dict[str, np.ndarray], param_dtype: str) -> None:
-    """Write params (flat dict) with Orbax, then gemma_config.json (written last)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+def save(directory: Path, config: GemmaConfig, groups: Iterable[dict[str, np.ndarray]], param_dtype: str) -> None:
+    """Write params (flat dicts, one group at a time: Orbax partial saves, so memory holds one
+    group), then gemma_config.json (written last)."""
+    path = (Path(directory) / PARAMS_DIR).absolute()
+    with _save_context():
+        for group in groups:
+            ocp1.partial.save(path, group)
+        ocp1.partial.finalize(path)
     meta = {"format": FORMAT, "param_dtype": param_dtype, "config": config.to_dict(),
             "params_files": _list_files(Path(directory) / PARAMS_DIR)}
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -306,13 +318,11 @@ def _quiet_absl() -> Iterator[None]:
 def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """Restore the flat params into `expected`'s shapes, dtypes (cast on read) and shardings."""
     path = Path(directory).absolute() / PARAMS_DIR
-    checkpointer = ocp.StandardCheckpointer()
     try:
         with _quiet_absl():  # Orbax logs its own warning for a damaged directory; ours is the error below
-            item = checkpointer.metadata(path).item_metadata
+            stored = ocp1.metadata(path).metadata
     except Exception as e:  # orbax raises many types for a damaged directory
         raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint ({_first_line(e)})") from None
-    stored = getattr(item, "tree", None)
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint (cannot read its list of "
                               "params; convert again)")
@@ -329,7 +339,7 @@ def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[
                                   f"{CONFIG_FILE} needs {list(want.shape)}")
     try:
         with _quiet_absl():
-            return checkpointer.restore(path, expected)
+            return ocp1.load(path, expected)
     except Exception as e:
         raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint, cannot restore params "
                               f"({_first_line(e)})") from None

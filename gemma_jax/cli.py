@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--ckpt", required=True, help="a directory made by 'gemma-jax convert'")
+    p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-cache", type=Path, default=DEFAULT_COMPILE_CACHE,
                         help=f"persistent XLA compilation cache directory (default: {DEFAULT_COMPILE_CACHE})")
     parser.add_argument("--no-compile-cache", action="store_true", help="disable the persistent compilation cache")
+    parser.add_argument("--mesh", help="shard over devices as FSDPxTP, e.g. 1x8 (generate, chat)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-host run (jax.distributed.initialize; TPU pods supply the details)")
+    parser.add_argument("--coordinator", help="multi-host coordinator address HOST:PORT (implies --distributed)")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face Gemma 2 directory to a gemma_jax checkpoint")
@@ -57,11 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="a multi-turn conversation at the terminal (/reset, /exit, Ctrl-D)")
     _add_sampling(p, 512)
+
+    p = sub.add_parser("bench", help="measure speed and memory (optionally against HF transformers)")
+    p.add_argument("--preset", default="2b", choices=["2b", "9b", "27b", "tiny"], help="random weights of this shape")
+    p.add_argument("--ckpt", help="benchmark a converted checkpoint instead of random weights")
+    p.add_argument("--hf-dir", help="with --vs-hf and --ckpt: the HF directory it came from")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--vs-hf", action="store_true", help="also run HF transformers on identical weights")
+    p.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--plot", type=Path, help="draw decode tokens/s against batch size to this PNG")
     return parser
 
 
 def _setup_jax(args) -> None:
     import jax
+    if args.distributed or args.coordinator:
+        from gemma_jax.sharding import initialize_distributed
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if not args.no_compile_cache:
         try:
             args.compile_cache.mkdir(parents=True, exist_ok=True)
@@ -88,7 +109,17 @@ def _load(args):
     if args.max_new_tokens < 0:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     from gemma_jax.api import load
-    return load(args.ckpt, dtype=args.dtype)
+    mesh = None
+    if args.mesh:
+        from gemma_jax.sharding import make_mesh, parse_mesh
+        mesh = make_mesh(*parse_mesh(args.mesh))
+    ckpt = args.ckpt
+    if ckpt is None:
+        from gemma_jax import default
+        from gemma_jax.convert import tqdm_progress
+        print(f"gemma-jax: using {default.DESCRIPTION}; pass --ckpt DIR for real weights", file=sys.stderr)
+        ckpt = default.checkpoint_dir(progress=tqdm_progress("converting the default model"))
+    return load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -143,7 +174,28 @@ def _chat(args) -> None:
         sys.stdout.write("\n")
 
 
-COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat}
+def _bench(args) -> None:
+    from gemma_jax import bench
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise GenerationError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if min(batches) < 1 or args.prompt_len < 1 or args.gen_len < 2:
+        raise GenerationError("--batch and --prompt-len must be >= 1 and --gen-len >= 2")
+    spec = bench.BenchSpec(preset=args.preset, ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype,
+                           batch_sizes=batches, prompt_len=args.prompt_len, gen_len=args.gen_len)
+    if args.vs_hf and args.ckpt and not args.hf_dir:
+        raise GenerationError("--vs-hf with --ckpt needs --hf-dir (the HF directory it was converted from)")
+    result = bench.run(spec, vs_hf=args.vs_hf, progress=sys.stderr.isatty())
+    print(bench.format_report(result))
+    if args.json:
+        import json
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        bench.plot(result, str(args.plot))
+
+
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -181,7 +181,7 @@ def _choose_dtype(entries: dict[str, TensorEntry], dtype: str | None, hf_dir: Pa
 
 def build_param(how: str, arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     if how == "copy":
-        return np.asarray(arrays[0]).astype(dtype)
+        return np.asarray(arrays[0]).astype(dtype, copy=False)  # a memory map stays one
     if how == "transpose":
         return np.ascontiguousarray(np.asarray(arrays[0]).T, dtype=dtype)
     gate, up = arrays  # stack_transpose: [F, D] x2 -> [D, 2, F]
@@ -209,16 +209,25 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
     table = name_table(config)
     items = table.items() if progress is None else progress(table.items(), len(table))
     with checkpoint.atomic_directory(out_dir, force) as tmp:
-        params = {}
-        for ours, (theirs, how) in items:
-            arrays = [entries[t].load() for t in theirs]
-            params[ours] = build_param(how, arrays, np_dtype)
         for name in checkpoint.TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
-        checkpoint.save(tmp, config, params, dtype)  # writes gemma_config.json last
-        del params
+        checkpoint.save(tmp, config, _param_groups(items, entries, np_dtype), dtype)  # config json last
     return out_dir
+
+
+def _param_groups(items, entries, np_dtype):
+    """Converted params one layer (or top-level tensor) at a time: only one group is in memory."""
+    group, key = {}, None
+    for ours, (theirs, how) in items:
+        k = "/".join(ours.split("/")[:2]) if ours.startswith("blocks/") else ours
+        if group and k != key:
+            yield group
+            group = {}
+        key = k
+        group[ours] = build_param(how, [entries[t].load() for t in theirs], np_dtype)
+    if group:
+        yield group
 
 
 def tqdm_progress(desc: str):

@@ -3,8 +3,9 @@
 Compilation: prompts are right-padded to a power-of-two length (at least 16), the cache to a
 power of two of prompt + new tokens (at least 32), the output buffer to a power of two of
 max_new_tokens. `start` compiles once per (batch, padded prompt, cache length, output buffer,
-sampling); `decode` once per (batch, cache length, output buffer, sampling). The decode step limit
-is a traced argument, so streaming in chunks reuses the same program.
+sampling, fresh or continued cache); `decode` once per (batch, cache length, output buffer, sampling).
+The decode step limit is a traced argument, so streaming in chunks reuses the same program, and the
+stop ids are padded to a power of two (at least 4).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling) ->
 
     def body(l: Loop):
         prev = jax.lax.dynamic_index_in_dim(l.tokens, l.step - 1, axis=1, keepdims=True)
-        hidden, cache = model(prev, l.cache.end[:, None], l.cache)
+        # a finished row is fed at position -1: nothing is written, its cache stays continuable
+        hidden, cache = model(prev, jnp.where(l.done, -1, l.cache.end)[:, None], l.cache)
         token, logprob = pick(model.logits(hidden[:, 0]), l.rng, l.step, sampling)
         token = jnp.where(l.done, pad_id, token)
         tokens = jax.lax.dynamic_update_index_in_dim(l.tokens, token, l.step, axis=1)
@@ -158,7 +160,8 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
     length = bucket(max(len(c) for c in chunks), 16)
     tokens, positions = pad_chunk(chunks, starts, length, pad_id)
     buffer = bucket(max_new_tokens, 1)
-    stops = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
+    stops = sorted(set(stop_ids))
+    stops = jnp.asarray(stops + [-1] * (bucket(len(stops), 4) - len(stops)), jnp.int32)  # -1: no token
     rng = jax.random.key(seed)
     loop = start(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions), rng, stops,
                  jnp.int32(pad_id), sampling=sampling, buffer=buffer, fresh=fresh)
@@ -166,8 +169,8 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
     seen, limit = 0, (max_new_tokens if stream is None else 1)
     while True:
         loop = decode(graphdef, state, loop, stops, jnp.int32(pad_id), jnp.int32(limit), sampling=sampling)
-        step = int(loop.step)
-        new = np.asarray(loop.tokens[:, seen:step])
+        step = int(_host(loop.step))
+        new = _host(loop.tokens)[:, seen:step]
         delivered = []
         for i in range(b):
             row = np.asarray([], np.int32) if ends[i] is not None else _until_stop(new[i], stop_ids)
@@ -183,7 +186,7 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
         if step >= max_new_tokens or all(e is not None for e in ends):
             break
         limit = min(max_new_tokens, step + stream_every)
-    out, logprobs = np.asarray(loop.tokens), np.asarray(loop.logprobs)
+    out, logprobs = _host(loop.tokens), _host(loop.logprobs)
     result = Result([], [], [])
     for i in range(b):
         n = step if ends[i] is None else ends[i]
@@ -196,3 +199,11 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
 def _until_stop(row: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
     hits = np.flatnonzero(np.isin(row, list(stop_ids)))
     return row[:hits[0]] if hits.size else row
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process, sharded) array as a NumPy array on this host."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -119,11 +119,16 @@ def test_generate_on_hf_dir_hints_convert(capsys, dirs):
             words=("a Hugging Face model directory", "gemma-jax convert"))
 
 
+def _data_dirs(ckpt):
+    """Orbax's array data directories inside a checkpoint's params/."""
+    return sorted((ckpt / "params").glob("state/ocdbt.process_*/d"))
+
+
 def test_generate_incomplete_ckpt(capsys, tmp_path, dirs):
     shutil.copytree(dirs / "ckpt", tmp_path / "ckpt")
-    shutil.rmtree(tmp_path / "ckpt" / "params" / "d")
+    shutil.rmtree(_data_dirs(tmp_path / "ckpt")[0])
     refused(capsys, "generate", "--ckpt", tmp_path / "ckpt", "--prompt", "hi",
-            words=(f"{tmp_path / 'ckpt'}: incomplete checkpoint: params/d/",))
+            words=(f"{tmp_path / 'ckpt'}: incomplete checkpoint: params/state/ocdbt.process_",))
 
 
 def test_generate_damaged_ckpt_without_file_list(capsys, tmp_path, dirs):
@@ -133,7 +138,8 @@ def test_generate_damaged_ckpt_without_file_list(capsys, tmp_path, dirs):
     meta = json.loads(meta_path.read_text())
     del meta["params_files"]
     meta_path.write_text(json.dumps(meta))
-    shutil.rmtree(tmp_path / "ckpt" / "params" / "d")
+    for data in _data_dirs(tmp_path / "ckpt"):
+        shutil.rmtree(data)
     refused(capsys, "generate", "--ckpt", tmp_path / "ckpt", "--prompt", "hi",
             words=(f"{tmp_path / 'ckpt' / 'params'}: incomplete or corrupt Orbax checkpoint",))
 
@@ -141,7 +147,7 @@ def test_generate_damaged_ckpt_without_file_list(capsys, tmp_path, dirs):
 def test_generate_corrupt_params_is_one_line(capsys, tmp_path, dirs):
     """Orbax meets the damage (same size, so the file list passes); its own log line is kept quiet."""
     shutil.copytree(dirs / "ckpt", tmp_path / "ckpt")
-    for path in (tmp_path / "ckpt" / "params" / "d").iterdir():
+    for path in (p for data in _data_dirs(tmp_path / "ckpt") for p in data.iterdir()):
         path.write_bytes(bytes(path.stat().st_size))
     refused(capsys, "generate", "--ckpt", tmp_path / "ckpt", "--prompt", "hi",
             words=(f"{tmp_path / 'ckpt' / 'params'}: incomplete or corrupt Orbax checkpoint",))

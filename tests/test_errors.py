@@ -136,6 +136,7 @@ class Ctx:
                            (self.tmp, "TMP")):
             text = text.replace(str(path), name)
         text = re.sub(r"\.(partial|old)-[^/\s)]+-\d+", r".\1-HOST-PID", text)
+        text = re.sub(r"ocdbt\.process_[0-9a-f]+", "ocdbt.process_HASH", text)
         return re.sub(r"\b[0-9a-f]{32}\b", "HASH", text)     # Orbax's data file names
 
 
@@ -666,13 +667,13 @@ def out_enospc(t):
 def out_enospc_wrapped(t):
     t.hf()
 
-    def orbax_save(self, *args, **kwargs):
+    def orbax_save(*args, **kwargs):
         try:
             _enospc()
         except OSError as e:
             raise RuntimeError("tensorstore write failed") from e
 
-    t.mp.setattr(checkpoint.ocp.StandardCheckpointer, "save", orbax_save)
+    t.mp.setattr(checkpoint.ocp1.partial, "save", orbax_save)
     t.convert()
 
 
@@ -726,23 +727,23 @@ def load_no_params(t):
 
 
 @case("load", "params/ partly deleted (Orbax metadata)", CheckpointError,
-      "CKPT: incomplete checkpoint: params/_METADATA is missing", "convert again")
+      "CKPT: incomplete checkpoint: params/state/_METADATA is missing", "convert again")
 def load_params_no_metadata(t):
-    (t.ckpt() / "params" / "_METADATA").unlink()
+    (t.ckpt() / "params" / "state" / "_METADATA").unlink()
     t.load()
 
 
 @case("load", "params/ partly deleted (array data)", CheckpointError,
-      "CKPT: incomplete checkpoint: params/d/HASH is missing")
+      "CKPT: incomplete checkpoint: params/state/ocdbt.process_HASH/d/HASH is missing")
 def load_params_no_data(t):
-    shutil.rmtree(t.ckpt() / "params" / "d")
+    shutil.rmtree(sorted((t.ckpt() / "params" / "state").glob("ocdbt.process_*/d"))[0])
     t.load()
 
 
-@case("load", "params/ file truncated", CheckpointError, "CKPT/params/manifest.ocdbt: truncated or corrupt",
+@case("load", "params/ file truncated", CheckpointError, "CKPT/params/state/manifest.ocdbt: truncated or corrupt",
       "(10 bytes, expected")
 def load_params_truncated(t):
-    path = t.ckpt() / "params" / "manifest.ocdbt"
+    path = t.ckpt() / "params" / "state" / "manifest.ocdbt"
     path.write_bytes(path.read_bytes()[:10])
     t.load()
 
@@ -750,7 +751,7 @@ def load_params_truncated(t):
 @case("load", "params/ file overwritten with zeros (same size)", CheckpointError, "CKPT/params",
       "incomplete or corrupt Orbax checkpoint")
 def load_params_zeroed(t):
-    path = t.ckpt() / "params" / "_METADATA"
+    path = t.ckpt() / "params" / "state" / "_METADATA"
     path.write_bytes(bytes(path.stat().st_size))
     t.load()
 
@@ -762,7 +763,7 @@ def load_params_unlisted(t):
     meta = json.loads(path.read_text())
     del meta["params_files"]
     path.write_text(json.dumps(meta))
-    (t.ckpt_dir / "params" / "_METADATA").unlink()
+    (t.ckpt_dir / "params" / "state" / "_METADATA").unlink()
     t.load()
 
 
