@@ -11,7 +11,8 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax import cache as kv
-from gemma_jax import checkpoint, hooks, sampler
+from gemma_jax import checkpoint, sampler
+from gemma_jax import hooks as hooks_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import GenerationError, TokenizerError
 from gemma_jax.model import Transformer, abstract_model
@@ -86,8 +87,8 @@ class Gemma:
         tokens, positions = jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask))
         out = np.asarray(self._forward(self.graphdef, self.state, tokens, positions), dtype=np.float32)
         if check_finite and not np.isfinite(out).all():
-            flags = hooks.finite_by_site(self.graphdef, self.state, tokens, positions)
-            first = next((n for n in hooks.site_names(self.config) if not bool(flags[n])), "hook_logits")
+            flags = hooks_lib.finite_by_site(self.graphdef, self.state, tokens, positions)
+            first = next((n for n in hooks_lib.site_names(self.config) if not bool(flags[n])), "hook_logits")
             raise GenerationError(f"non-finite values (NaN/inf) first appear at {first}")
         return out
 
@@ -95,12 +96,13 @@ class Gemma:
     # ----------------------------------------------------------------------------- generation
     def generate_ids(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int = 0, stop_ids=None, return_logprobs: bool = False,
-                     stream=None):
+                     stream=None, hooks=None):
         """New token ids per prompt (stop token excluded); prompts are lists of token ids.
 
         stop_ids default to the config's eos ids. With return_logprobs, returns (ids, logprobs),
         the log-probabilities under the model's unmodified distribution. `stream(new_per_row)` is
-        called as tokens arrive and may return row indices to stop.
+        called as tokens arrive and may return row indices to stop. `hooks` ({site or pattern:
+        fn(value) -> value}, see interp) edit activations at every step: steered generation.
         """
         sampling = sampler.Sampling(temperature, top_k, top_p)
         prompts = self._check_prompts(prompts, max_new_tokens)
@@ -111,8 +113,15 @@ class Gemma:
         cache_len = sampler.bucket(max(map(len, prompts)) + max_new_tokens, 32)
         cache = self.new_cache(len(prompts), cache_len)
         result, _ = sampler.run(self.graphdef, self.state, cache, prompts, [0] * len(prompts), max_new_tokens,
-                                sampling, seed, stop_ids, self.config.pad_token_id, fresh=True, stream=stream)
+                                sampling, seed, stop_ids, self.config.pad_token_id, fresh=True, stream=stream,
+                                hook=self._hooks(hooks))
         return (result.tokens, result.logprobs) if return_logprobs else result.tokens
+
+    def _hooks(self, hooks) -> hooks_lib.Hooks | None:
+        if not hooks:
+            return None
+        from gemma_jax.interp import resolve
+        return hooks_lib.Hooks(tuple((site, fn) for key, fn in hooks.items() for site in resolve(self.config, key)))
 
     def _check_prompts(self, prompts, max_new_tokens) -> list[list[int]]:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -142,7 +151,7 @@ class Gemma:
 
     def generate(self, text_or_texts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_ids=None,
-                 stop_strings=(), stream=None):
+                 stop_strings=(), stream=None, hooks=None):
         """Text in, generated text out (a list for a list). `stream(row, text_piece)` gets text
         as it is generated; generation of a row ends at a stop id or the first stop string, which
         is cut from the returned text."""
@@ -152,11 +161,11 @@ class Gemma:
         if not all(isinstance(t, str) for t in texts):
             raise GenerationError("generate takes a string or a list of strings")
         out = self._generate_text([tok.encode(t) for t in texts], max_new_tokens, temperature, top_k, top_p,
-                                  seed, stop_ids, stop_strings, stream)
+                                  seed, stop_ids, stop_strings, stream, hooks)
         return out[0] if single else out
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stream=None) -> str:
+             top_p: float | None = None, seed: int = 0, stream=None, hooks=None) -> str:
         """The model's reply to a conversation [{"role": "user", "content": ...}, ...];
         `stream(text_piece)` gets the reply as it is generated."""
         tok = self._need_tokenizer()
@@ -164,10 +173,10 @@ class Gemma:
         stop_ids = tuple(self.config.eos_token_ids) + (tok.token_id("<end_of_turn>"),)
         on_text = None if stream is None else (lambda _row, piece: stream(piece))
         return self._generate_text([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, (),
-                                   on_text)[0]
+                                   on_text, hooks)[0]
 
     def _generate_text(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                       stop_strings, stream):
+                       stop_strings, stream, hooks=None):
         tok = self.tokenizer
         stop_strings = [s for s in stop_strings if s]
         streams = [TextStream(tok, stop_strings) for _ in prompts]
@@ -184,7 +193,7 @@ class Gemma:
 
         live = stream is not None or bool(stop_strings)
         ids = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                                stream=on_tokens if live else None)
+                                stream=on_tokens if live else None, hooks=hooks)
         return [s.text if live else tok.decode(row) for s, row in zip(streams, ids)]
 
 

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-hf", action="store_true", help="also run HF transformers on identical weights")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="draw decode tokens/s against batch size to this PNG")
+
+    p = sub.add_parser("parity", help="compare per-layer activations and logits with HF transformers")
+    p.add_argument("--hf", type=Path, required=True, help="a Hugging Face Gemma 2 directory")
+    p.add_argument("--ckpt", type=Path, help="its converted checkpoint (default: convert into a temp dir)")
+    p.add_argument("--length", type=int, default=64, help="tokens per prompt (random ids without a tokenizer)")
+    p.add_argument("--tolerance", type=float, default=2e-4, help="max |logit difference| that passes")
     return parser
 
 
@@ -195,7 +201,15 @@ def _bench(args) -> None:
         bench.plot(result, str(args.plot))
 
 
-COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench}
+def _parity(args) -> None:
+    from gemma_jax import parity
+    figures = parity.check(args.hf, args.ckpt, length=args.length)
+    print(parity.format_report(figures, args.tolerance))
+    if figures["logits"] > args.tolerance:
+        raise GenerationError(f"parity: logits differ from HF by {figures['logits']:.2e} > {args.tolerance:g}")
+
+
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

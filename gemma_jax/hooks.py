@@ -21,7 +21,9 @@ Sites, in forward order (shapes for a forward over T tokens):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +57,17 @@ def finite_by_site(graphdef, state, tokens, positions) -> dict[str, jax.Array]:
     hidden, _ = model(tokens, positions, hook=hook)
     model.logits(hidden, hook=hook)
     return flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Edits at hook sites, `((site, fn), ...)`, as a hashable callable `hook(name, value)`: a
+    static argument under jit (the same functions compile once)."""
+
+    table: tuple[tuple[str, Callable], ...]
+
+    def __call__(self, name: str, value: jax.Array) -> jax.Array:
+        for site, fn in self.table:
+            if site == name:
+                value = fn(value)
+        return value

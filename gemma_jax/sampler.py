@@ -94,14 +94,15 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "buffer", "fresh"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "buffer", "fresh", "hook"),
                    donate_argnames=("cache",))
-def start(graphdef, state, cache, tokens, positions, rng, stop_ids, pad_id, *, sampling, buffer, fresh):
+def start(graphdef, state, cache, tokens, positions, rng, stop_ids, pad_id, *, sampling, buffer, fresh,
+          hook=None):
     """Run a right-padded chunk [B, T] through the model into the cache and pick the first token."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model(tokens, positions, cache, attend_cache=not fresh)
+    hidden, cache = model(tokens, positions, cache, attend_cache=not fresh, hook=hook)
     last = jnp.sum(positions >= 0, axis=1) - 1
-    logits = model.logits(hidden[jnp.arange(tokens.shape[0]), last])
+    logits = model.logits(hidden[jnp.arange(tokens.shape[0]), last], hook=hook)
     first, logprob = pick(logits, rng, jnp.int32(0), sampling)
     b = tokens.shape[0]
     out = jnp.full((b, buffer), pad_id, jnp.int32).at[:, 0].set(first)
@@ -109,8 +110,8 @@ def start(graphdef, state, cache, tokens, positions, rng, stop_ids, pad_id, *, s
     return Loop(cache, out, logprobs, jnp.isin(first, stop_ids), jnp.int32(1), rng)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("loop",))
-def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling) -> Loop:
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "hook"), donate_argnames=("loop",))
+def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling, hook=None) -> Loop:
     """Generate until `limit` tokens exist or every row is done (a lax.while_loop)."""
     model = nnx.merge(graphdef, state)
 
@@ -120,8 +121,8 @@ def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling) ->
     def body(l: Loop):
         prev = jax.lax.dynamic_index_in_dim(l.tokens, l.step - 1, axis=1, keepdims=True)
         # a finished row is fed at position -1: nothing is written, its cache stays continuable
-        hidden, cache = model(prev, jnp.where(l.done, -1, l.cache.end)[:, None], l.cache)
-        token, logprob = pick(model.logits(hidden[:, 0]), l.rng, l.step, sampling)
+        hidden, cache = model(prev, jnp.where(l.done, -1, l.cache.end)[:, None], l.cache, hook=hook)
+        token, logprob = pick(model.logits(hidden[:, 0], hook=hook), l.rng, l.step, sampling)
         token = jnp.where(l.done, pad_id, token)
         tokens = jax.lax.dynamic_update_index_in_dim(l.tokens, token, l.step, axis=1)
         logprobs = jax.lax.dynamic_update_index_in_dim(l.logprobs, logprob, l.step, axis=1)
@@ -150,11 +151,13 @@ class Result:
 def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], starts: Sequence[int],
         max_new_tokens: int, sampling: Sampling, seed: int, stop_ids: Sequence[int], pad_id: int,
         fresh: bool, stream: Callable[[list[list[int]]], Sequence[int] | None] | None = None,
-        stream_every: int = 1):
+        stream_every: int = 1, hook=None):
     """Feed each row's chunk (appended at position starts[row]) and generate up to max_new_tokens.
 
     `stream(new_tokens_per_row)` is called after every `stream_every` tokens when given; it may
     return row indices to stop (stop strings). Returns (Result, cache).
+    `hook` (a hashable `hooks.Hooks`) edits hook sites during
+    prefill and every decode step (steered generation).
     """
     b = len(chunks)
     length = bucket(max(len(c) for c in chunks), 16)
@@ -164,11 +167,12 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
     stops = jnp.asarray(stops + [-1] * (bucket(len(stops), 4) - len(stops)), jnp.int32)  # -1: no token
     rng = jax.random.key(seed)
     loop = start(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions), rng, stops,
-                 jnp.int32(pad_id), sampling=sampling, buffer=buffer, fresh=fresh)
+                 jnp.int32(pad_id), sampling=sampling, buffer=buffer, fresh=fresh, hook=hook)
     ends: list[int | None] = [None] * b   # tokens kept per row, once the row has finished
     seen, limit = 0, (max_new_tokens if stream is None else 1)
     while True:
-        loop = decode(graphdef, state, loop, stops, jnp.int32(pad_id), jnp.int32(limit), sampling=sampling)
+        loop = decode(graphdef, state, loop, stops, jnp.int32(pad_id), jnp.int32(limit), sampling=sampling,
+                      hook=hook)
         step = int(_host(loop.step))
         new = _host(loop.tokens)[:, seen:step]
         delivered = []

@@ -94,3 +94,24 @@ def test_bfloat16_argmax_agreement(tmp_path_factory, report):
     report("parity bfloat16 argmax agreement", agree)
     report("parity bfloat16 max|dlogit|", float(np.abs(a - b).max()))
     assert agree >= 0.99
+
+
+def test_parity_command(tmp_path, capsys):
+    """`gemma-jax parity` passes on a faithful conversion and fails (exit 2) on a damaged one."""
+    import json
+
+    from gemma_jax import cli
+    model = hf_model(seed=9, embed_std=0.1)
+    save(model, tmp_path / "hf")
+    assert cli.main(["--no-compile-cache", "parity", "--hf", str(tmp_path / "hf"), "--length", "19"]) == 0
+    out = capsys.readouterr().out
+    assert "residual entering layer  2" in out and "PASS" in out
+    # a checkpoint whose final norm was damaged: the report says where the numbers part
+    gemma_jax.convert(tmp_path / "hf", tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "gemma_config.json").read_text())
+    meta["config"]["rms_norm_eps"] = 0.5
+    (tmp_path / "ckpt" / "gemma_config.json").write_text(json.dumps(meta))
+    assert cli.main(["--no-compile-cache", "parity", "--hf", str(tmp_path / "hf"), "--ckpt",
+                     str(tmp_path / "ckpt"), "--length", "19"]) == 2
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "parity: logits differ" in captured.err
