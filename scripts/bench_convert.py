@@ -1,0 +1,122 @@
+"""Measure conversion and loading of a 2B-shaped bf16 checkpoint in two shards (about 5.2 GB of
+synthetic weights), against a plain copy and a raw read of the same bytes in the same run.
+
+    python scripts/bench_convert.py [--preset 2b] [--dir /tmp/gemma_jax_bench_convert] [--json FILE]
+
+Conversion and loading each run in a fresh process; their peak resident memory is that process's
+ru_maxrss (it includes file pages mapped while reading the shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from gemma_jax.bench import hf_config_dict, spec_config, synthetic_tensor, BenchSpec  # noqa: E402
+from gemma_jax.convert import hf_shapes  # noqa: E402
+
+
+def write_safetensors(path: Path, names: list[str], shapes: dict, seed: int) -> None:
+    """A bf16 safetensors file written tensor by tensor (never the whole shard in memory)."""
+    header, offset = {}, 0
+    for name in names:
+        nbytes = int(np.prod(shapes[name])) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in names:
+            f.write(synthetic_tensor(name, shapes[name], seed).astype(ml_dtypes.bfloat16).tobytes())
+
+
+def make_checkpoint(out: Path, preset: str, seed: int = 0) -> None:
+    config = spec_config(BenchSpec(preset=preset))
+    shapes = hf_shapes(config)
+    names = list(shapes)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    out.mkdir(parents=True)
+    for shard, shard_names in shards.items():
+        write_safetensors(out / shard, shard_names, shapes, seed)
+    index = {"metadata": {}, "weight_map": {n: s for s, ns in shards.items() for n in ns}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf = hf_config_dict(config)
+    hf.update(architectures=["Gemma2ForCausalLM"], torch_dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(hf))
+
+
+def timed_child(setup: str, work: str) -> tuple[float, float]:
+    """(seconds of `work` alone, peak RSS GiB of the process) in a fresh Python process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    code = f"{setup}\nimport time\nt = time.perf_counter()\n{work}\nprint(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        raise RuntimeError("could not attribute peak memory to the child (run each measurement once)")
+    return float(out.strip().splitlines()[-1]), peak * 1024 / 2**30
+
+
+def read_all(directory: Path) -> float:
+    start = time.perf_counter()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="2b")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/gemma_jax_bench_convert"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hf, copy, ckpt = args.dir / "hf", args.dir / "copy", args.dir / "ckpt"
+    start = time.perf_counter()
+    make_checkpoint(hf, args.preset)
+    size = sum(p.stat().st_size for p in hf.iterdir())
+    print(f"synthetic {args.preset} bf16 checkpoint: {size / 1e9:.2f} GB in 2 shards "
+          f"({time.perf_counter() - start:.0f}s to write)", flush=True)
+    read_all(hf)  # the same warm page cache for the copy and the conversion
+    copy.mkdir()
+    start = time.perf_counter()
+    for p in hf.glob("*.safetensors"):
+        shutil.copyfile(p, copy / p.name)
+    os.sync()
+    copy_s = time.perf_counter() - start
+    shutil.rmtree(copy)
+    convert_s, convert_gib = timed_child("import os, gemma_jax",
+                                         f"gemma_jax.convert({str(hf)!r}, {str(ckpt)!r}); os.sync()")
+    read_s = read_all(ckpt / "params")
+    load_s, load_gib = timed_child("import jax, gemma_jax",
+                                   f"m = gemma_jax.load({str(ckpt)!r}); jax.block_until_ready(m.state)")
+    figures = {"bytes": size, "copy_s": copy_s, "convert_s": convert_s, "convert_peak_rss_GiB": convert_gib,
+               "convert_vs_copy": convert_s / copy_s, "raw_read_s": read_s, "load_s": load_s,
+               "load_peak_rss_GiB": load_gib, "load_vs_read": load_s / read_s}
+    print(f"plain copy {copy_s:.1f}s; convert {convert_s:.1f}s ({figures['convert_vs_copy']:.2f}x the copy), "
+          f"peak RSS {convert_gib:.2f} GiB\nraw read of the checkpoint {read_s:.1f}s; load {load_s:.1f}s "
+          f"({figures['load_vs_read']:.2f}x the read), peak RSS {load_gib:.2f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
