@@ -39,7 +39,7 @@ _TIED_HEAD = "lm_head.weight"
 
 def name_table(config: GemmaConfig) -> dict[str, tuple[tuple[str, ...], str]]:
     """Every param of ours with the HF tensors it is made of."""
-    table = {"embedder/embedding": (("model.embed_tokens.weight",), "copy"),
+    table = {"embedder/embedding": (("model.embed_tokens.weight",), "transpose"),
              "final_norm/weight": (("model.norm.weight",), "copy")}
     for i in range(config.num_hidden_layers):
         for ours, (theirs, how) in _LAYER_TABLE.items():

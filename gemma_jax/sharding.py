@@ -48,7 +48,7 @@ def param_spec(name: str, config: GemmaConfig, mesh: Mesh, fsdp_params: bool = T
     vocab = "tp" if config.vocab_size % tp == 0 else None
     leaf = name.split("/", 2)[-1] if name.startswith("blocks/") else name
     rules = {
-        "embedder/embedding": P(vocab, fsdp),
+        "embedder/embedding": P(fsdp, vocab),
         "attn/q": P(fsdp, heads), "attn/k": P(fsdp, kv_heads), "attn/v": P(fsdp, kv_heads),
         "attn/o": P(heads, fsdp),
         "mlp/gate_up": P(fsdp, None, ffn), "mlp/down": P(ffn, fsdp),

@@ -420,7 +420,7 @@ def test_logit_lens(tiny, ids, cache, plain_logits, report):
     w = np.asarray(m.final_norm.weight[...], np.float64)
     normed = r / np.sqrt((r ** 2).mean(-1, keepdims=True) + ours.config.rms_norm_eps) * (1 + w)
     cap = ours.config.final_logit_softcapping
-    ref = np.tanh(normed @ np.asarray(m.embedder.embedding[...], np.float64).T / cap) * cap
+    ref = np.tanh(normed @ np.asarray(m.embedder.embedding[...], np.float64) / cap) * cap
     np.testing.assert_allclose(lens[0], ref, atol=1e-4, rtol=0)
 
 
