@@ -34,12 +34,18 @@ class BenchSpec:
     hf_dir: str | None = None
     dtype: str = "float32"
     batch_sizes: tuple[int, ...] = (1,)
-    prompt_len: int = 64
+    prompt_lens: tuple[int, ...] = (64,)
+    sliding_window: int | None = None  # override the preset's window (decode vs context experiments)
     gen_len: int = 32
     seed: int = 0
 
 
 def spec_config(spec: BenchSpec) -> GemmaConfig:
+    config = _base_config(spec)
+    return config if spec.sliding_window is None else dataclasses.replace(config, sliding_window=spec.sliding_window)
+
+
+def _base_config(spec: BenchSpec) -> GemmaConfig:
     if spec.ckpt:
         from gemma_jax.checkpoint import read_meta
         return read_meta(Path(spec.ckpt))[0]
@@ -146,10 +152,10 @@ def jax_worker(spec: BenchSpec) -> dict:
     rng = np.random.default_rng(spec.seed)
     greedy = sampler.Sampling()
     out["runs"] = []
-    for batch in spec.batch_sizes:
-        prompts = rng.integers(3, model.config.vocab_size, (batch, spec.prompt_len)).astype(np.int32)
-        length = sampler.bucket(spec.prompt_len, 16)
-        cache_len = sampler.bucket(spec.prompt_len + spec.gen_len, 32)
+    for batch, prompt_len in ((b, p) for b in spec.batch_sizes for p in spec.prompt_lens):
+        prompts = rng.integers(3, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
+        length = sampler.bucket(prompt_len, 16)
+        cache_len = sampler.bucket(prompt_len + spec.gen_len, 32)
         tokens, positions = sampler.pad_chunk(prompts.tolist(), [0] * batch, length, 0)
         tokens, positions = jnp.asarray(tokens), jnp.asarray(positions)
         stops, pad = jnp.asarray([-1], jnp.int32), jnp.int32(0)
@@ -179,9 +185,9 @@ def jax_worker(spec: BenchSpec) -> dict:
         per_seq = steps / decode_s
         roofline = out["bandwidth_GBps"] * 1e9 / moved["total"]
         out["runs"].append({
-            "batch": batch, "prompt_len": spec.prompt_len, "gen_len": spec.gen_len,
+            "batch": batch, "prompt_len": prompt_len, "gen_len": spec.gen_len,
             "compile_s": (prefill_cold - ttft) + (decode_cold - decode_s * spec.gen_len / max(steps, 1)),
-            "ttft_s": ttft, "prefill_tok_s": batch * spec.prompt_len / ttft,
+            "ttft_s": ttft, "prefill_tok_s": batch * prompt_len / ttft,
             "decode_tok_s_per_seq": per_seq, "decode_tok_s_total": per_seq * batch,
             "bytes_per_step": moved, "roofline_tok_s": roofline, "roofline_fraction": per_seq / roofline,
             "tokens": np.asarray(loop.tokens[:, :spec.gen_len]).tolist() if batch == 1 else None})
@@ -221,8 +227,8 @@ def hf_worker(spec: BenchSpec) -> dict:
     out["load_s"] = time.perf_counter() - start
     rng = np.random.default_rng(spec.seed)
     out["runs"] = []
-    for batch in spec.batch_sizes:
-        prompts = torch.as_tensor(rng.integers(3, model.config.vocab_size, (batch, spec.prompt_len)))
+    for batch, prompt_len in ((b, p) for b in spec.batch_sizes for p in spec.prompt_lens):
+        prompts = torch.as_tensor(rng.integers(3, model.config.vocab_size, (batch, prompt_len)))
         kwargs = dict(max_new_tokens=spec.gen_len, min_new_tokens=spec.gen_len, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
         first = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
@@ -232,9 +238,10 @@ def hf_worker(spec: BenchSpec) -> dict:
             result = {}
             total = _timed(lambda: result.setdefault("ids", model.generate(prompts, **kwargs)))
         per_seq = (spec.gen_len - 1) / max(total - ttft, 1e-9)
-        out["runs"].append({"batch": batch, "ttft_s": ttft, "prefill_tok_s": batch * spec.prompt_len / ttft,
+        out["runs"].append({"batch": batch, "prompt_len": prompt_len, "ttft_s": ttft,
+                            "prefill_tok_s": batch * prompt_len / ttft,
                             "decode_tok_s_per_seq": per_seq, "decode_tok_s_total": per_seq * batch,
-                            "tokens": result["ids"][:, spec.prompt_len:].tolist() if batch == 1 else None})
+                            "tokens": result["ids"][:, prompt_len:].tolist() if batch == 1 else None})
     out["peak_rss_GiB"] = peak_rss_bytes() / 2**30
     return out
 
@@ -262,7 +269,7 @@ def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False) -> dict:
         result["ratios"] = []
         for ours, theirs in zip(result["gemma_jax"]["runs"], result["hf"]["runs"]):
             result["ratios"].append({
-                "batch": ours["batch"],
+                "batch": ours["batch"], "prompt_len": ours["prompt_len"],
                 "decode_speedup": ours["decode_tok_s_per_seq"] / theirs["decode_tok_s_per_seq"],
                 "prefill_speedup": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
                 "same_greedy_tokens": None if ours["tokens"] is None else ours["tokens"] == theirs["tokens"]})
@@ -274,7 +281,7 @@ def format_report(result: dict) -> str:
     lines = [f"gemma_jax on {ours['device']} ({ours['dtype']}): load {ours['load_s']:.1f}s, "
              f"measured bandwidth {ours['bandwidth_GBps']:.1f} GB/s, peak RSS {ours['peak_rss_GiB']:.2f} GiB"]
     for r in ours["runs"]:
-        lines.append(f"  batch {r['batch']}: compile {r['compile_s']:.1f}s, TTFT {r['ttft_s']:.2f}s, "
+        lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: compile {r['compile_s']:.1f}s, TTFT {r['ttft_s']:.2f}s, "
                      f"prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s_per_seq']:.2f} tok/s/seq "
                      f"({r['decode_tok_s_total']:.2f} total), {r['bytes_per_step']['total'] / 1e9:.2f} GB/step, "
                      f"roofline {r['roofline_tok_s']:.2f} tok/s -> {100 * r['roofline_fraction']:.0f}%")
@@ -283,7 +290,7 @@ def format_report(result: dict) -> str:
         lines.append(f"HF transformers {hf['version']} eager ({hf['dtype']}, {hf['threads']} threads): "
                      f"load {hf['load_s']:.1f}s, peak RSS {hf['peak_rss_GiB']:.2f} GiB")
         for r, ratio in zip(hf["runs"], result["ratios"]):
-            lines.append(f"  batch {r['batch']}: TTFT {r['ttft_s']:.2f}s, prefill {r['prefill_tok_s']:.1f} tok/s, "
+            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: TTFT {r['ttft_s']:.2f}s, prefill {r['prefill_tok_s']:.1f} tok/s, "
                          f"decode {r['decode_tok_s_per_seq']:.2f} tok/s/seq -> gemma_jax is "
                          f"{ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill"
                          + ("" if ratio["same_greedy_tokens"] is None
@@ -311,7 +318,7 @@ def plot(result: dict, path: str) -> None:
 
 if __name__ == "__main__":
     side, payload = sys.argv[1], json.loads(sys.argv[2])
-    payload["batch_sizes"] = tuple(payload["batch_sizes"])
+    payload["batch_sizes"], payload["prompt_lens"] = tuple(payload["batch_sizes"]), tuple(payload["prompt_lens"])
     spec = BenchSpec(**payload)
     figures = jax_worker(spec) if side == "jax" else hf_worker(spec)
     print(json.dumps(figures))
