@@ -15,7 +15,7 @@ import numpy as np
 from gemma_jax import checkpoint
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import CheckpointError, ConfigError, GemmaWarning
-from gemma_jax.safetensors_io import TensorEntry, read_header
+from gemma_jax.safetensors_io import TensorEntry, read_header, unique_keys
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -65,15 +65,9 @@ def hf_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
 
 def _read_json(path: Path, error: type) -> dict:
     """A JSON object from path; a missing, unreadable, non-JSON or duplicate-key file is `error`."""
-    def unique(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
-            raise error(f"{path}: duplicate key {dup!r}")
-        return dict(pairs)
-
     try:
-        value = json.loads(path.read_bytes(), object_pairs_hook=unique)
+        value = json.loads(path.read_bytes(), object_pairs_hook=unique_keys(
+            lambda key: error(f"{path}: duplicate key {key!r}")))
     except FileNotFoundError:
         raise error(f"{path}: not found") from None
     except OSError as e:

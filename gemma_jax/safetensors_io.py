@@ -37,12 +37,12 @@ class TensorEntry:
             raise CheckpointError(f"{self.file}: cannot read tensor {self.key!r} ({reason})") from None
 
 
-def _unique_keys(path: Path):
+def unique_keys(on_duplicate):
+    """A json `object_pairs_hook` that raises `on_duplicate(key)` for a key seen twice."""
     def hook(pairs):
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
-            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {dup!r} appears twice")
+            raise on_duplicate(next(k for i, k in enumerate(keys) if k in keys[:i]))
         return dict(pairs)
     return hook
 
@@ -70,7 +70,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys(path))
+        header = json.loads(raw, object_pairs_hook=unique_keys(
+            lambda key: CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} appears twice")))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):

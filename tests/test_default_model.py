@@ -1,0 +1,89 @@
+"""The default model shipped in the package: real path (convert -> load -> generate), parity with
+HF on it, and evidence that it has learned (loss far below chance on code it never saw)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import gemma_jax
+from gemma_jax import cli, default
+
+HELD_OUT = '''
+class Stack:
+    """A last-in, first-out container."""
+
+    def __init__(self):
+        self._items = []
+
+    def push(self, item):
+        self._items.append(item)
+
+    def pop(self):
+        if not self._items:
+            raise IndexError("pop from empty stack")
+        return self._items.pop()
+
+    def __len__(self):
+        return len(self._items)
+'''
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The default model converted through the real path into a fresh cache directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    ckpt = default.checkpoint_dir()
+    yield ckpt
+    mp.undo()
+
+
+def test_shipped_files_are_small_hf_format():
+    files = {p.name: p.stat().st_size for p in default.HF_DIR.iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(files)
+    assert sum(files.values()) <= 20 * 2**20
+    config = json.loads((default.HF_DIR / "config.json").read_text())
+    assert config["model_type"] == "gemma2"
+    assert "sliding_attention" in config["layer_types"] and "full_attention" in config["layer_types"]
+    assert config["num_attention_heads"] > config["num_key_value_heads"]
+
+
+def test_converted_once_into_the_cache(converted):
+    assert (converted / "gemma_config.json").is_file() and (converted / "tokenizer.model").is_file()
+    assert default.checkpoint_dir() == converted  # second call: no new conversion
+
+
+def test_parity_with_hf_on_the_default_model(converted, report):
+    import torch
+    import transformers
+    model = gemma_jax.load(converted, dtype="float32")
+    ids = np.asarray([model.tokenizer.encode(HELD_OUT)[:160]])
+    assert ids.shape[1] > 3 * model.config.sliding_window // 2
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(default.HF_DIR, dtype=torch.float32,
+                                                        attn_implementation="eager")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    diff = float(np.abs(model.logits(ids) - theirs).max())
+    report("default model parity max|dlogit| vs HF", diff)
+    assert diff <= 2e-4
+
+
+def test_it_has_learned(converted, report):
+    model = gemma_jax.load(converted, dtype="float32")
+    ids = np.asarray([model.tokenizer.encode(HELD_OUT)])
+    logits = model.logits(ids)[0, :-1].astype(np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    loss = float(np.mean(logz - logits[np.arange(len(logits)), ids[0, 1:]]))
+    report("default model loss on unseen code (nats/token; chance = ln V)", f"{loss:.2f} vs {np.log(model.config.vocab_size):.2f}")
+    assert loss < 0.5 * np.log(model.config.vocab_size)
+    text = model.generate("    def __init__(self", max_new_tokens=12)
+    assert text.strip()
+
+
+def test_cli_uses_the_default_model(converted, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(converted.parent.parent))
+    assert cli.main(["--no-compile-cache", "generate", "--prompt", "import os\n", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "built-in default model" in captured.err
+    assert captured.out.startswith("import os\n") and len(captured.out) > len("import os\n") + 1
