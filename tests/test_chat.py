@@ -1,0 +1,101 @@
+"""Text generation and multi-turn chat with the real Gemma 2 vocabulary on a tiny random model:
+streaming, stop strings, and the chat session's KV-cache reuse across turns."""
+
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma_jax
+from gemma_jax import cli
+from gemma_jax.api import TextStream
+from gemma_jax.chat import ChatSession
+from hf_oracle import hf_model, save
+
+TOKENIZER_DIR = os.environ.get("GEMMA_JAX_TOKENIZER_DIR")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    if not (TOKENIZER_DIR and (Path(TOKENIZER_DIR) / "tokenizer.model").is_file()):
+        pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model)")
+    root = tmp_path_factory.mktemp("chat")
+    hf = hf_model(seed=2, embed_std=0.1, vocab_size=256000, hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                  max_position_embeddings=1024)
+    save(hf, root / "hf")
+    shutil.copy(Path(TOKENIZER_DIR) / "tokenizer.model", root / "hf" / "tokenizer.model")
+    gemma_jax.convert(root / "hf", root / "ckpt")
+    return gemma_jax.load(root / "ckpt")
+
+
+def test_streamed_text_equals_returned_text(model):
+    pieces = []
+    text = model.generate("日本の首都は", max_new_tokens=24, temperature=1.0, seed=3,
+                          stream=lambda row, piece: pieces.append(piece))
+    assert "".join(pieces) == text and text
+    ids = model.generate_ids([model.tokenizer.encode("日本の首都は")], 24, temperature=1.0, seed=3)[0]
+    assert text == model.tokenizer.decode(ids)
+
+
+def test_stop_strings_cut_each_row(model):
+    prompts = ["Hello", "こんにちは"]
+    full = model.generate(prompts, max_new_tokens=20, stop_ids=[])
+    stop = full[0][3:6]  # a string that occurs in row 0's continuation
+    assert len(stop) == 3
+    cut = model.generate(prompts, max_new_tokens=20, stop_ids=[], stop_strings=[stop])
+    assert cut[0] == full[0][:full[0].find(stop)]
+    assert cut[1] == (full[1][:full[1].find(stop)] if stop in full[1] else full[1])
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes(model):
+    tok = model.tokenizer
+    ids = tok.encode("日本🇯🇵 end", add_bos=False)
+    stream = TextStream(tok)
+    assert "".join(stream.add([i]) for i in ids) == "日本🇯🇵 end"   # byte pieces never split a character
+    stream = TextStream(tok, stop_strings=["STOP"])
+    out = "".join(stream.add([i]) for i in tok.encode("abc STO", add_bos=False))
+    assert out == "abc "                                   # "STO" might begin the stop string
+    out += "".join(stream.add([i]) for i in tok.encode("P more", add_bos=False))
+    assert stream.stopped and out == stream.text == "abc "
+
+
+def test_chat_session_reuses_the_cache(model):
+    """Turn 2 feeds only its new tokens; its reply equals greedy generation on the whole history."""
+    session = ChatSession(model, max_new_tokens=12)
+    first = session.send("Hello! Who are you?")
+    cached_after_first = session.cached
+    history = list(session.history)
+    assert cached_after_first > 0 and history[:2] == [2, 106]
+    second = session.send("Tell me more.")
+    turn = model.tokenizer.encode_chat([{"role": "user", "content": "Tell me more."}])[1:]
+    expected = model.generate_ids([history + turn], 12,
+                                  stop_ids=list(model.config.eos_token_ids) + [107])[0]
+    reply_ids = session.history[len(history) + len(turn):-2]
+    assert reply_ids == expected and session.history[-2:] == [107, 108]
+    assert second == model.tokenizer.decode(expected) and isinstance(first, str)
+    assert session.cached > cached_after_first
+    session.reset()
+    assert session.cached == 0 and session.history == [2]
+
+
+def test_chat_session_grows_its_cache(model):
+    session = ChatSession(model, max_new_tokens=8)
+    session.send("x " * 200)          # more than the first cache bucket of 256 positions
+    assert session.capacity >= session.cached + 8
+
+
+def test_chat_cli_conversation(model, monkeypatch, capsys):
+    ckpt = model_dir(model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nこんにちは\n"))   # then Ctrl-D
+    assert cli.main(["--no-compile-cache", "chat", "--ckpt", str(ckpt), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("model> ") == 2 and "(history cleared)" in captured.err
+
+
+def model_dir(model) -> Path:
+    return Path(model.tokenizer.path).parent
