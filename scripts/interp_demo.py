@@ -2,8 +2,9 @@
 
     python scripts/interp_demo.py --ckpt CONVERTED_DIR [--prompt TEXT] [--out DIR] [--sae params.npz --sae-kind res --sae-layer 12]
 
-Without --ckpt it builds a tiny random Gemma 2 with tests/hf_oracle.py (needs torch and
-transformers, the test extra), converts it through the real path and uses that. Steps:
+Without --ckpt it uses the built-in default model (a tiny Gemma 2 trained on the Python standard
+library, converted once into the cache); --random builds a tiny random Gemma 2 with
+tests/hf_oracle.py instead (needs the test extra). Steps:
 run_with_cache, logit lens, direct logit attribution, an attention-pattern heatmap (PNG), a
 patching sweep checked against attribution patching, and an SAE splice (a synthetic SAE written
 as a Gemma Scope-style params.npz unless --sae is given).
@@ -119,8 +120,9 @@ def synthetic_sae(acts: np.ndarray, path: Path) -> Path:
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", help="a converted gemma_jax checkpoint directory (default: a tiny random model)")
-    ap.add_argument("--prompt", default="The Eiffel Tower is in the city of",
+    ap.add_argument("--ckpt", help="a converted gemma_jax checkpoint directory (default: the built-in model)")
+    ap.add_argument("--random", action="store_true", help="use a tiny random model instead of the built-in one")
+    ap.add_argument("--prompt", default="    def __init__(self, name):\n        self.name = name\n\n    def __repr__(self):\n        return",
                     help="text (when the checkpoint has tokenizer.model)")
     ap.add_argument("--out", help="directory for the PNG and the synthetic SAE (default: a temp dir)")
     ap.add_argument("--sae", help="a Gemma Scope params.npz (default: a synthetic SAE)")
@@ -132,13 +134,17 @@ def main(argv=None) -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="gemma_jax_interp_"))
     out.mkdir(parents=True, exist_ok=True)
 
-    if args.ckpt is None:
-        print(f"no --ckpt: building a tiny RANDOM Gemma 2 (4 layers, window 4) with tests/hf_oracle.py in {out}; "
+    if args.ckpt is None and not args.random:
+        from gemma_jax import default
+        print(f"no --ckpt: using {default.DESCRIPTION}")
+        ckpt = default.checkpoint_dir()
+    elif args.ckpt is None:
+        print(f"--random: building a tiny RANDOM Gemma 2 (4 layers, window 4) with tests/hf_oracle.py in {out}; "
               "the numbers below exercise the tools, they mean nothing about language")
         ckpt = build_tiny(out)
     else:
         ckpt = Path(args.ckpt)
-    model = gemma_jax.load(ckpt)
+    model = gemma_jax.load(ckpt, dtype="float32")
     cfg = model.config
     tok = model.tokenizer
     if tok is not None:

@@ -87,3 +87,20 @@ def test_cli_uses_the_default_model(converted, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "built-in default model" in captured.err
     assert captured.out.startswith("import os\n") and len(captured.out) > len("import os\n") + 1
+
+
+def test_interp_demo_runs_on_the_default_model(converted, tmp_path):
+    """The worked example of docs/interpretability.md, end to end on the default model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XDG_CACHE_HOME": str(converted.parent.parent),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "interp_demo.py"), "--out", str(tmp_path),
+                           "--sweep-sites", "blocks.0.hook_resid_pre"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "built-in default model" in proc.stdout
+    assert (tmp_path / "attention_patterns.png").stat().st_size > 1000
