@@ -266,3 +266,17 @@ def test_python_m_gemma_jax_exit_status(tmp_path, dirs, argv, words):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("gemma-jax: error: "), proc.stderr
     assert all(fill(w) in lines[0] for w in words)
+
+
+def test_generate_under_a_mesh(capsys, chat_ckpt):
+    """--mesh lays the model out over the devices; on one device 1x1 gives the same text."""
+    code, plain, _ = run(capsys, "generate", "--ckpt", chat_ckpt, "--prompt", "hi", "--max-new-tokens", "5")
+    assert code == 0
+    code, meshed, _ = run(capsys, "--mesh", "1x1", "generate", "--ckpt", chat_ckpt, "--prompt", "hi",
+                          "--max-new-tokens", "5")
+    assert code == 0 and meshed == plain
+
+
+@pytest.mark.parametrize("mesh,words", [("2x2", "needs 4 devices"), ("x", "expected FSDPxTP")])
+def test_bad_mesh(capsys, dirs, mesh, words):
+    refused(capsys, "--mesh", mesh, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", words=(words,))
