@@ -29,7 +29,7 @@ from orbax.checkpoint import v1 as ocp1
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import CheckpointError, ConfigError, GemmaError
 
-FORMAT = 1
+FORMAT = 2  # 2: embedding stored [D, V]; params written by Orbax partial saves
 CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -282,7 +282,8 @@ def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupt checkpoint metadata (not a JSON object)")
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
+                              f"(this gemma_jax reads format {FORMAT}; convert again)")
     for key in ("param_dtype", "config"):
         if key not in meta:
             raise CheckpointError(f"{path}: corrupt checkpoint metadata (no {key!r})")
