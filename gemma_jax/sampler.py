@@ -185,7 +185,8 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
             for r in stream(delivered) or ():
                 if ends[r] is None:
                     ends[r] = step
-            loop = loop._replace(done=jnp.asarray([e is not None for e in ends]))
+            done = np.asarray([e is not None for e in ends])
+            loop = loop._replace(done=jax.device_put(done, loop.done.sharding))  # same placement: no recompile
         seen = step
         if step >= max_new_tokens or all(e is not None for e in ends):
             break

@@ -339,8 +339,11 @@ def test_stream_delivers_exactly_the_returned_tokens(tiny, greedy_nostop):
         for acc, new in zip(streamed, new_per_row):
             acc.extend(new)
 
+    decode_programs = sampler.decode._cache_size()
     out = ours.generate_ids(PROMPTS, NEW, stop_ids=[stop], stream=on_tokens)
     assert out == [_cut(r, stop) for r in greedy_nostop]
+    # streaming reuses the non-streaming decode program (already compiled for these shapes)
+    assert sampler.decode._cache_size() == decode_programs
     assert streamed == out
     assert len(calls) > 1 and all(max(c) <= 1 for c in calls)  # tokens arrive as they are made
 
