@@ -129,8 +129,9 @@ def _jax_model(spec: BenchSpec):
 
 
 def bytes_per_decode_step(model, batch: int, cache_len: int) -> dict[str, int]:
-    """Bytes a decode step must read: every weight once (the embedding twice counts once: the
-    lookup reads B rows) plus the whole cache buffer of every layer (keys and values)."""
+    """Bytes a decode step must read: every weight once (the tied embedding once, for the logits;
+    the lookup of B columns is negligible) plus every layer's whole cache buffer (keys and values),
+    which the step attends over."""
     import jax
     from gemma_jax import cache as kv
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.state))
