@@ -84,17 +84,22 @@ def peak_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------- JAX side
-def bandwidth_probe(dtype: str = "float32", n: int = 16384, repeats: int = 5) -> float:
-    """Bytes/s of a jitted 1 x n @ n x n matrix-vector product (streams the matrix once)."""
+def bandwidth_probe(dtype: str = "float32", elements: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s streamed by jitted matrix-vector products over a 1 GiB (float32) matrix: the best of
+    `repeats` runs of each of three shapes (square, wide, tall), so that no single XLA kernel
+    choice sets the roofline."""
     import jax
     import jax.numpy as jnp
-    w = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    x = jnp.ones((1, n), w.dtype)
-    f = jax.jit(lambda x, w: x @ w)
-    f(x, w).block_until_ready()
-    best = min(_timed(lambda: f(x, w).block_until_ready()) for _ in range(repeats))
-    del w
-    return n * n * np.dtype(jnp.dtype(dtype)).itemsize / best
+    best = 0.0
+    for rows in (1 << 14, 1 << 12, 1 << 16):
+        w = jax.random.normal(jax.random.key(0), (rows, elements // rows), jnp.dtype(dtype))
+        x = jnp.ones((1, rows), w.dtype)
+        f = jax.jit(lambda x, w: x @ w)
+        f(x, w).block_until_ready()
+        seconds = min(_timed(lambda: f(x, w).block_until_ready()) for _ in range(repeats))
+        best = max(best, w.size * w.dtype.itemsize / seconds)
+        del w
+    return best
 
 
 def _timed(fn) -> float:

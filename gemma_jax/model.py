@@ -71,11 +71,18 @@ class Attention(nnx.Module):
         v = _site(hook, f"{self.name}.hook_v", v)
 
         keys, values, key_pos = k, v, positions
+        new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
         if layer_cache is not None and attend_cache:
-            old_pos = kv.slot_positions(end, layer_cache.k.shape[1])
-            keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
-            values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
-            key_pos = jnp.concatenate([old_pos, positions], axis=1)
+            slots = layer_cache.k.shape[1]
+            if t == 1:
+                # One new token (decode): write, then attend over the buffer alone, with no copy of
+                # the cache. The slot it takes held position p - S, outside every window reaching p.
+                keys, values = new_cache.k.astype(dt), new_cache.v.astype(dt)
+                key_pos = kv.slot_positions(kv.advance(end, positions), slots)
+            else:  # a chunk: the old buffer (whose slots the chunk may overwrite) followed by the chunk
+                keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
+                values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
+                key_pos = jnp.concatenate([kv.slot_positions(end, slots), positions], axis=1)
 
         q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys,
@@ -93,7 +100,6 @@ class Attention(nnx.Module):
         z = _site(hook, f"{self.name}.hook_z", z)
         out = z @ self.o[...].astype(dt)
 
-        new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
         return out, new_cache
 
 
