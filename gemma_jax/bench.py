@@ -57,21 +57,6 @@ def _base_config(spec: BenchSpec) -> GemmaConfig:
     return PRESETS[spec.preset]()
 
 
-def hf_config_dict(config: GemmaConfig) -> dict:
-    """The HF config.json fields for a GemmaConfig (the inverse of GemmaConfig.from_hf)."""
-    return dict(model_type="gemma2", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                head_dim=config.head_dim, query_pre_attn_scalar=config.query_pre_attn_scalar,
-                sliding_window=config.sliding_window, layer_types=list(config.layer_types),
-                attn_logit_softcapping=config.attn_logit_softcapping,
-                final_logit_softcapping=config.final_logit_softcapping,
-                rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
-                max_position_embeddings=config.max_position_embeddings, hidden_activation="gelu_pytorch_tanh",
-                pad_token_id=config.pad_token_id, eos_token_id=list(config.eos_token_ids),
-                bos_token_id=config.bos_token_id, tie_word_embeddings=True)
-
-
 def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """A deterministic float32 tensor for one HF tensor name (norm weights small, matrices ~N(0, 0.02))."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -98,7 +83,7 @@ def bandwidth_probe(dtype: str = "float32", elements: int = 1 << 28, repeats: in
         f(x, w).block_until_ready()
         seconds = min(_timed(lambda: f(x, w).block_until_ready()) for _ in range(repeats))
         best = max(best, w.size * w.dtype.itemsize / seconds)
-        del w
+        w = None  # free this matrix before the next one is made
     return best
 
 
@@ -110,7 +95,6 @@ def _timed(fn) -> float:
 
 def _jax_model(spec: BenchSpec):
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from gemma_jax import api, checkpoint
@@ -218,8 +202,8 @@ def hf_worker(spec: BenchSpec) -> dict:
         model = transformers.Gemma2ForCausalLM.from_pretrained(spec.hf_dir, dtype=dtype, attn_implementation="eager")
     else:
         config = spec_config(spec)
-        hf_config = transformers.Gemma2Config(**{k: v for k, v in hf_config_dict(config).items() if k != "model_type"},
-                                              attn_implementation="eager")
+        fields = {k: v for k, v in config.to_hf().items() if k not in ("model_type", "architectures")}
+        hf_config = transformers.Gemma2Config(**fields, attn_implementation="eager")
         with no_init_weights():
             model = transformers.Gemma2ForCausalLM(hf_config).to(dtype)
         from gemma_jax.convert import hf_shapes

@@ -104,6 +104,20 @@ class GemmaConfig:
         d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` fields of this config (the inverse of from_hf)."""
+        return dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], vocab_size=self.vocab_size,
+                    hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                    num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                    query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                    layer_types=list(self.layer_types), attn_logit_softcapping=self.attn_logit_softcapping,
+                    final_logit_softcapping=self.final_logit_softcapping, rope_theta=self.rope_theta,
+                    rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                    hidden_activation="gelu_pytorch_tanh", pad_token_id=self.pad_token_id,
+                    eos_token_id=list(self.eos_token_ids), bos_token_id=self.bos_token_id,
+                    tie_word_embeddings=True)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GemmaConfig:
         """Inverse of to_dict (our own config.json in a converted checkpoint)."""

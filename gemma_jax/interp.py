@@ -18,7 +18,6 @@ from flax import nnx
 
 from gemma_jax.errors import GenerationError
 from gemma_jax.hooks import site_names
-from gemma_jax.layers import softcap
 
 HookFn = Callable[[jax.Array], jax.Array]
 

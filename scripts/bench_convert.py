@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gemma_jax.bench import hf_config_dict, spec_config, synthetic_tensor, BenchSpec  # noqa: E402
+from gemma_jax.bench import BenchSpec, spec_config, synthetic_tensor  # noqa: E402
 from gemma_jax.convert import hf_shapes  # noqa: E402
 
 
@@ -54,8 +54,8 @@ def make_checkpoint(out: Path, preset: str, seed: int = 0) -> None:
         write_safetensors(out / shard, shard_names, shapes, seed)
     index = {"metadata": {}, "weight_map": {n: s for s, ns in shards.items() for n in ns}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    hf = hf_config_dict(config)
-    hf.update(architectures=["Gemma2ForCausalLM"], torch_dtype="bfloat16")
+    hf = config.to_hf()
+    hf.update(torch_dtype="bfloat16")
     (out / "config.json").write_text(json.dumps(hf))
 
 

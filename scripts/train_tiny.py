@@ -13,13 +13,11 @@ description, its size and licence to docs/default_model.json. Needs optax and ma
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import platform
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,6 @@ from safetensors.numpy import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from gemma_jax import checkpoint  # noqa: E402
-from gemma_jax.bench import hf_config_dict  # noqa: E402
 from gemma_jax.config import FULL, SLIDING, GemmaConfig  # noqa: E402
 from gemma_jax.convert import name_table  # noqa: E402
 from gemma_jax.model import Transformer  # noqa: E402
@@ -93,8 +90,8 @@ def export_hf(state, config: GemmaConfig, out: Path) -> None:
         tensors.update({t: np.ascontiguousarray(p) for t, p in zip(theirs, parts)})
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf = hf_config_dict(config)
-    hf.update(architectures=["Gemma2ForCausalLM"], torch_dtype="float32", cache_implementation="hybrid")
+    hf = config.to_hf()
+    hf.update(torch_dtype="float32", cache_implementation="hybrid")
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 

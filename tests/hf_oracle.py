@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,3 +49,18 @@ def hf_logits(model, ids, attention_mask=None):
         ids = torch.as_tensor(ids, dtype=torch.long)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
         return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+
+
+def with_real_tokenizer(root: Path, **overrides) -> Path:
+    """A tiny HF model with the real Gemma 2 vocabulary (tokenizer.model copied in), converted;
+    skips the calling test when GEMMA_JAX_TOKENIZER_DIR is not set."""
+    import pytest
+
+    import gemma_jax
+    source = Path(os.environ.get("GEMMA_JAX_TOKENIZER_DIR") or "/nonexistent") / "tokenizer.model"
+    if not source.is_file():
+        pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model)")
+    save(hf_model(**{"vocab_size": 256000, **overrides}), root / "hf")
+    shutil.copy(source, root / "hf" / "tokenizer.model")
+    gemma_jax.convert(root / "hf", root / "ckpt")
+    return root / "ckpt"

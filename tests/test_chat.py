@@ -2,35 +2,24 @@
 streaming, stop strings, and the chat session's KV-cache reuse across turns."""
 
 import io
-import os
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import gemma_jax
 from gemma_jax import cli
 from gemma_jax.api import TextStream
 from gemma_jax.chat import ChatSession
-from hf_oracle import hf_model, save
-
-TOKENIZER_DIR = os.environ.get("GEMMA_JAX_TOKENIZER_DIR")
+from hf_oracle import with_real_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    if not (TOKENIZER_DIR and (Path(TOKENIZER_DIR) / "tokenizer.model").is_file()):
-        pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model)")
-    root = tmp_path_factory.mktemp("chat")
-    hf = hf_model(seed=2, embed_std=0.1, vocab_size=256000, hidden_size=16, intermediate_size=32,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
-                  max_position_embeddings=1024)
-    save(hf, root / "hf")
-    shutil.copy(Path(TOKENIZER_DIR) / "tokenizer.model", root / "hf" / "tokenizer.model")
-    gemma_jax.convert(root / "hf", root / "ckpt")
-    return gemma_jax.load(root / "ckpt")
+    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("chat"), seed=2, embed_std=0.1, hidden_size=16,
+                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                               query_pre_attn_scalar=8, max_position_embeddings=1024)
+    return gemma_jax.load(ckpt)
 
 
 def test_streamed_text_equals_returned_text(model):

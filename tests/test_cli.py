@@ -20,10 +20,9 @@ import torch
 import gemma_jax
 from gemma_jax import cli
 from gemma_jax.errors import CheckpointError, ConfigError
-from hf_oracle import hf_model, save
+from hf_oracle import hf_model, save, with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = os.environ.get("GEMMA_JAX_TOKENIZER_DIR")
 CONVERT_MODULE = sys.modules["gemma_jax.convert"]   # `gemma_jax.convert` is the function
 
 
@@ -39,15 +38,9 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory):
     """A converted tiny model with the real Gemma 2 tokenizer (vocab 256000, hidden size 8)."""
-    if not (TOKENIZER_DIR and (Path(TOKENIZER_DIR) / "tokenizer.model").is_file()):
-        pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model)")
-    root = tmp_path_factory.mktemp("cli_chat")
-    big = hf_model(seed=1, vocab_size=256000, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                   num_attention_heads=1, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8)
-    save(big, root / "hf")
-    shutil.copy(Path(TOKENIZER_DIR) / "tokenizer.model", root / "hf" / "tokenizer.model")
-    gemma_jax.convert(root / "hf", root / "ckpt")
-    return root / "ckpt"
+    return with_real_tokenizer(tmp_path_factory.mktemp("cli_chat"), seed=1, hidden_size=8, intermediate_size=8,
+                               num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+                               query_pre_attn_scalar=8)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
