@@ -126,7 +126,13 @@ def _load(args):
         from gemma_jax.convert import tqdm_progress
         print(f"gemma-jax: using {default.DESCRIPTION}; pass --ckpt DIR for real weights", file=sys.stderr)
         ckpt = default.checkpoint_dir(progress=tqdm_progress("converting the default model"))
-    return load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh)
+    start = time.perf_counter()
+    if sys.stderr.isatty():
+        print(f"loading {ckpt} ...", end="", file=sys.stderr, flush=True)
+    model = load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh)
+    if sys.stderr.isatty():
+        print(f" done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return model
 
 
 def _sampling_kwargs(args) -> dict:
