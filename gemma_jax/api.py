@@ -214,13 +214,14 @@ class TextStream:
         cuts = [full.find(s) for s in self.stop_strings if s in full]
         if cuts:
             full, self.stopped = full[:min(cuts)], True
-        elif full.endswith("\ufffd"):
+        else:
             full = full.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
-        elif self.stop_strings:  # hold back a tail that may be the start of a stop string
+            # hold back a tail that may begin a stop string, so text handed out is never taken back
             hold = max((k for s in self.stop_strings for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
             full = full[:len(full) - hold]
-        piece = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = max(self.text, full, key=len) if full.startswith(self.text) else self.text
+        if not full.startswith(self.text):  # cannot happen given the hold-back; never hand out less
+            return ""
+        piece, self.text = full[len(self.text):], full
         return piece
 
 
