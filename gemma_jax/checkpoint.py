@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 from orbax.checkpoint import v1 as ocp1
 
@@ -32,16 +33,21 @@ from gemma_jax.errors import CheckpointError, ConfigError, GemmaError
 FORMAT = 2  # 2: embedding stored [D, V]; params written by Orbax partial saves
 CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
+_STATE = "state"  # Orbax keeps the pytree's arrays under params/state/ (zarr3 in OCDBT)
+_PAGE = 4096
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 DTYPE_NAMES = ("float32", "bfloat16")
 
 
 def _save_context() -> ocp1.Context:
     """Uncompressed arrays (conversion and loading run at disk speed) in chunks of at most 64 MiB,
-    so that a process restoring a sharded model reads little more than its own part of a tensor."""
+    so that a process restoring a sharded model reads little more than its own part of a tensor.
+    Host arrays are written in place: save() hands over arrays nobody else modifies, and Orbax's
+    defensive copy would double conversion's peak memory."""
     context = ocp1.Context()
     context.array.saving.use_compression = False
     context.array.saving.storage_options.chunk_byte_size = 64 << 20
+    context.memory.deepcopy_host_arrays = False
     return context
 
 
@@ -339,8 +345,40 @@ def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[
             raise CheckpointError(f"{path}: param {name!r} has shape {list(stored[name].shape)}, "
                                   f"{CONFIG_FILE} needs {list(want.shape)}")
     try:
+        if all(isinstance(want.sharding, jax.sharding.SingleDeviceSharding) for want in expected.values()):
+            return _read_single_device(path, expected)
         with _quiet_absl():
             return ocp1.load(path, expected)
     except Exception as e:
         raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint, cannot restore params "
                               f"({_first_line(e)})") from None
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array at a page boundary: XLA's CPU client adopts such a buffer without a copy."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _PAGE, np.uint8)
+    start = -raw.ctypes.data % _PAGE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _read_single_device(path: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Restore onto one device without Orbax's intermediate copies: TensorStore reads each stored
+    array (Orbax's zarr3-in-OCDBT layout, cast on read) straight into a page-aligned host buffer,
+    which the device then adopts (on CPU without a copy: loading costs one pass over the bytes)."""
+    context = ts.Context()
+    state = f"{path.as_uri()}/{_STATE}/"
+    stores = {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": state, "path": name}},
+                            open=True, read=True, context=context) for name in expected}
+    pending = {}
+    for name, want in expected.items():
+        store = stores[name].result()
+        if store.dtype.numpy_dtype != np.dtype(want.dtype):
+            store = ts.cast(store, np.dtype(want.dtype))
+        out = _aligned_empty(tuple(want.shape), np.dtype(want.dtype))
+        pending[name] = (out, ts.array(out, copy=False, write=True).write(store))
+    params = {}
+    for name, (out, written) in pending.items():
+        written.result()
+        params[name] = jax.device_put(out, expected[name].sharding, may_alias=True)
+    return params

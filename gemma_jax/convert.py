@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +20,7 @@ from gemma_jax.safetensors_io import TensorEntry, read_header, unique_keys
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+BLOCK_BYTES = 8 << 20  # a tensor is read and transposed in blocks of this size
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 # Our param name -> (HF tensor names, how to build ours from them). Weights [out, in] -> [in, out].
@@ -150,7 +152,7 @@ def _check_names_and_shapes(config: GemmaConfig, entries: dict[str, TensorEntry]
                                   f"config.json implies {list(shape)}")
     if _TIED_HEAD in entries:
         head, emb = entries[_TIED_HEAD], entries["model.embed_tokens.weight"]
-        if head.shape != emb.shape or not np.array_equal(head.load(), emb.load()):
+        if not _same_tensor(head, emb):
             raise CheckpointError(f"{head.file}: tensor {_TIED_HEAD!r} differs from the embedding; "
                                   "Gemma 2 ties them and an untied head is not supported")
 
@@ -173,16 +175,46 @@ def _choose_dtype(entries: dict[str, TensorEntry], dtype: str | None, hf_dir: Pa
     return "float32"
 
 
-def build_param(how: str, arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+def _blocks(source: TensorEntry | np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of a tensor in blocks of about BLOCK_BYTES: a tensor on disk is read block
+    by block, so converting it never holds its whole source in memory."""
+    n, row = source.shape[0], int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
+    step = max(1, BLOCK_BYTES // max(row, 1))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield start, source.rows(start, stop) if isinstance(source, TensorEntry) else np.asarray(source[start:stop])
+
+
+def _assign(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src, cast to dst's dtype. A same-dtype copy moves raw bits (ml_dtypes' bfloat16
+    copies, transposed ones above all, are several times slower than uint16 ones)."""
+    if src.dtype == dst.dtype:
+        bits = np.dtype(f"u{dst.itemsize}")
+        dst, src = dst.view(bits), src.view(bits)
+    dst[...] = src
+
+
+def build_param(how: str, sources: list[TensorEntry | np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """Our param from its HF tensors (on disk or in memory), built block by block."""
+    first = sources[0]
     if how == "copy":
-        return np.asarray(arrays[0]).astype(dtype, copy=False)  # a memory map stays one
-    if how == "transpose":
-        return np.ascontiguousarray(np.asarray(arrays[0]).T, dtype=dtype)
-    gate, up = arrays  # stack_transpose: [F, D] x2 -> [D, 2, F]
-    out = np.empty((gate.shape[1], 2, gate.shape[0]), dtype)
-    out[:, 0, :] = np.asarray(gate).T
-    out[:, 1, :] = np.asarray(up).T
+        out = np.empty(first.shape, dtype)
+        for start, block in _blocks(first):
+            _assign(out[start:start + len(block)], block)
+    elif how == "transpose":  # [out, in] -> [in, out]
+        out = np.empty(first.shape[::-1], dtype)
+        for start, block in _blocks(first):
+            _assign(out[:, start:start + len(block)], block.T)
+    else:  # stack_transpose: gate, up [F, D] -> [D, 2, F]
+        out = np.empty((first.shape[1], len(sources), first.shape[0]), dtype)
+        for k, source in enumerate(sources):
+            for start, block in _blocks(source):
+                _assign(out[:, k, start:start + len(block)], block.T)
     return out
+
+
+def _same_tensor(a: TensorEntry, b: TensorEntry) -> bool:
+    return a.shape == b.shape and all(np.array_equal(x, y) for (_, x), (_, y) in zip(_blocks(a), _blocks(b)))
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
@@ -206,7 +238,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
         for name in checkpoint.TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
-        checkpoint.save(tmp, config, _param_groups(items, entries, np_dtype), dtype)  # config json last
+        checkpoint.save(tmp, config, _one_ahead(_param_groups(items, entries, np_dtype)), dtype)  # config last
     return out_dir
 
 
@@ -219,9 +251,22 @@ def _param_groups(items, entries, np_dtype):
             yield group
             group = {}
         key = k
-        group[ours] = build_param(how, [entries[t].load() for t in theirs], np_dtype)
+        group[ours] = build_param(how, [entries[t] for t in theirs], np_dtype)
     if group:
         yield group
+
+
+def _one_ahead(iterator: Iterator) -> Iterator:
+    """The items of iterator, each next one made in a worker thread while the caller uses the current
+    one (reading and transposing a layer overlaps Orbax writing the previous one; at most two groups
+    are in memory)."""
+    done = object()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gemma_jax-convert") as pool:
+        upcoming = pool.submit(next, iterator, done)
+        while (item := upcoming.result()) is not done:
+            upcoming = pool.submit(next, iterator, done)
+            yield item
+            del item
 
 
 def tqdm_progress(desc: str):

@@ -36,6 +36,27 @@ class TensorEntry:
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise CheckpointError(f"{self.file}: cannot read tensor {self.key!r} ({reason})") from None
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor, read into a fresh array (no memory map is kept, so a
+        tensor read block by block never holds more than one block resident)."""
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        row_bytes = out.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                f.seek(self.offset + start * row_bytes)
+                view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+                while done < out.nbytes:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        break
+                    done += got
+        except OSError as e:
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.key!r} ({e.strerror or e})") from None
+        if done != out.nbytes:
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.key!r} (the file is shorter than "
+                                  "its header says; was it changed while converting?)")
+        return out
+
 
 def unique_keys(on_duplicate):
     """A json `object_pairs_hook` that raises `on_duplicate(key)` for a key seen twice."""
