@@ -2,7 +2,7 @@
 
 Layout of a converted checkpoint:
     params/              Orbax (flat dict: "blocks/3/attn/q" -> array, layouts as in model.py)
-    gemma_config.json    {"format": 1, "param_dtype": ..., "config": GemmaConfig.to_dict(),
+    gemma_config.json    {"format": FORMAT, "param_dtype": ..., "config": GemmaConfig.to_dict(),
                           "params_files": {path under params/: size}}  (written last)
     tokenizer.model ...  copied from the HF directory when present
 """
@@ -30,7 +30,7 @@ from orbax.checkpoint import v1 as ocp1
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import CheckpointError, ConfigError, GemmaError
 
-FORMAT = 2  # 2: embedding stored [D, V]; params written by Orbax partial saves
+FORMAT = 3  # 2: embedding stored [D, V], Orbax partial saves; 3: o and down stored [out, in]
 CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
 _STATE = "state"  # Orbax keeps the pytree's arrays under params/state/ (zarr3 in OCDBT)

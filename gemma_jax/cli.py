@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", default="64", help="prompt lengths, comma-separated (default 64)")
     p.add_argument("--sliding-window", type=int, help="override the preset's sliding window")
     p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="report the best of this many decode runs (default 3)")
     p.add_argument("--vs-hf", action="store_true", help="also run HF transformers on identical weights")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="draw decode tokens/s against batch size to this PNG")
@@ -194,11 +195,11 @@ def _bench(args) -> None:
         prompt_lens = tuple(int(p) for p in args.prompt_len.split(","))
     except ValueError:
         raise GenerationError("--batch and --prompt-len take comma-separated integers, e.g. 1,4,16") from None
-    if min(batches) < 1 or min(prompt_lens) < 1 or args.gen_len < 2:
-        raise GenerationError("--batch and --prompt-len must be >= 1 and --gen-len >= 2")
+    if min(batches) < 1 or min(prompt_lens) < 1 or args.gen_len < 2 or args.repeats < 1:
+        raise GenerationError("--batch, --prompt-len and --repeats must be >= 1 and --gen-len >= 2")
     spec = bench.BenchSpec(preset=args.preset, ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype,
                            batch_sizes=batches, prompt_lens=prompt_lens, gen_len=args.gen_len,
-                           sliding_window=args.sliding_window)
+                           sliding_window=args.sliding_window, repeats=args.repeats)
     if args.vs_hf and args.ckpt and not args.hf_dir:
         raise GenerationError("--vs-hf with --ckpt needs --hf-dir (the HF directory it was converted from)")
     result = bench.run(spec, vs_hf=args.vs_hf, progress=sys.stderr.isatty())

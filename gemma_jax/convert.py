@@ -23,7 +23,8 @@ SINGLE_FILE = "model.safetensors"
 BLOCK_BYTES = 8 << 20  # a tensor is read and transposed in blocks of this size
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
-# Our param name -> (HF tensor names, how to build ours from them). Weights [out, in] -> [in, out].
+# Our param name -> (HF tensor names, how to build ours from them). HF weights are [out, in]; ours
+# are [in, out] where the output is wide (transposed here) and [out, in] where it is narrow (o, down).
 _LAYER_TABLE = {
     "pre_attn_norm/weight": (("input_layernorm.weight",), "copy"),
     "post_attn_norm/weight": (("post_attention_layernorm.weight",), "copy"),
@@ -32,9 +33,9 @@ _LAYER_TABLE = {
     "attn/q": (("self_attn.q_proj.weight",), "transpose"),
     "attn/k": (("self_attn.k_proj.weight",), "transpose"),
     "attn/v": (("self_attn.v_proj.weight",), "transpose"),
-    "attn/o": (("self_attn.o_proj.weight",), "transpose"),
+    "attn/o": (("self_attn.o_proj.weight",), "copy"),
     "mlp/gate_up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "stack_transpose"),
-    "mlp/down": (("mlp.down_proj.weight",), "transpose"),
+    "mlp/down": (("mlp.down_proj.weight",), "copy"),
 }
 _TIED_HEAD = "lm_head.weight"
 

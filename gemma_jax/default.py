@@ -19,8 +19,10 @@ def cache_root() -> Path:
 
 
 def fingerprint() -> str:
-    """A short hash of the shipped files: a changed model converts into a new directory."""
-    digest = hashlib.sha256()
+    """A short hash of the shipped files and the checkpoint format: a changed model, or a gemma_jax
+    that stores params differently, converts into a new directory."""
+    from gemma_jax.checkpoint import FORMAT
+    digest = hashlib.sha256(f"format {FORMAT}".encode())
     for name in ("config.json", "model.safetensors", "tokenizer.model"):
         path = HF_DIR / name
         if not path.is_file():

@@ -1,8 +1,9 @@
 """The Gemma 2 forward pass: Attention, MLP, Block, Transformer. No I/O here.
 
 Shapes: B batch, T query length, S key length, D model, N query heads, K kv heads, G = N // K,
-H head dim, F ffn hidden, V vocab. Weights are 2-D [in, out] so that every projection is a plain
-row-major matrix product (fast batch-1 decode on XLA:CPU).
+H head dim, F ffn hidden, V vocab. Weights are 2-D, laid out for the fastest batch-1 product on
+XLA:CPU: [in, out] (`x @ W`) where the output is wide (q, k, v, gate/up), [out, in] (contracting
+the weight's last axis, HF's own layout) where it is narrow (o, down). See docs/performance.md.
 
 Hook sites: every activation passes through `hook(name, value) -> value` when a hook is given
 (TransformerLens names, see hooks.py); with hook=None the program is exactly the plain forward.
@@ -52,7 +53,7 @@ class Attention(nnx.Module):
         self.q = _dense(rngs, (d, n * h), param_dtype)
         self.k = _dense(rngs, (d, k * h), param_dtype)
         self.v = _dense(rngs, (d, k * h), param_dtype)
-        self.o = _dense(rngs, (n * h, d), param_dtype)
+        self.o = _dense(rngs, (d, n * h), param_dtype)  # [out, in]
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.scale = config.query_pre_attn_scalar ** -0.5
         self.softcap = config.attn_logit_softcapping
@@ -98,18 +99,19 @@ class Attention(nnx.Module):
             probs = hook(f"{self.name}.hook_pattern", probs.reshape(b, self.num_heads, t, -1)).reshape(probs.shape)
         z = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, -1)
         z = _site(hook, f"{self.name}.hook_z", z)
-        out = z @ self.o[...].astype(dt)
+        out = jnp.einsum("BTI,DI->BTD", z, self.o[...].astype(dt))
 
         return out, new_cache
 
 
 class MLP(nnx.Module):
-    """down(gelu_tanh(gate(x)) * up(x)), with gate and up fused into one [D, 2, F] weight."""
+    """down(gelu_tanh(gate(x)) * up(x)), with gate and up fused into one [D, 2, F] weight and
+    down kept [D, F] ([out, in])."""
 
     def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         d, f = config.hidden_size, config.intermediate_size
         self.gate_up = _dense(rngs, (d, 2, f), param_dtype)
-        self.down = _dense(rngs, (f, d), param_dtype)
+        self.down = _dense(rngs, (d, f), param_dtype)
         self.name = f"blocks.{layer}.mlp"
 
     def __call__(self, x, hook=None):
@@ -119,7 +121,7 @@ class MLP(nnx.Module):
         gate = _site(hook, f"{self.name}.hook_pre", gate_up[..., 0, :])
         up = _site(hook, f"{self.name}.hook_pre_linear", gate_up[..., 1, :])
         hidden = _site(hook, f"{self.name}.hook_post", jax.nn.gelu(gate, approximate=True) * up)
-        return hidden @ self.down[...].astype(dt)
+        return jnp.einsum("BTF,DF->BTD", hidden, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):

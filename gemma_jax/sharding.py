@@ -50,8 +50,8 @@ def param_spec(name: str, config: GemmaConfig, mesh: Mesh, fsdp_params: bool = T
     rules = {
         "embedder/embedding": P(fsdp, vocab),
         "attn/q": P(fsdp, heads), "attn/k": P(fsdp, kv_heads), "attn/v": P(fsdp, kv_heads),
-        "attn/o": P(heads, fsdp),
-        "mlp/gate_up": P(fsdp, None, ffn), "mlp/down": P(ffn, fsdp),
+        "attn/o": P(fsdp, heads),
+        "mlp/gate_up": P(fsdp, None, ffn), "mlp/down": P(fsdp, ffn),
     }
     return rules.get(leaf, P())  # norms are replicated
 

@@ -7,7 +7,7 @@ from gemma_jax import bench, cli
 
 def test_bench_harness_end_to_end(tmp_path, capsys):
     code = cli.main(["--no-compile-cache", "bench", "--preset", "tiny", "--batch", "1,2", "--prompt-len", "20",
-                     "--gen-len", "6", "--sliding-window", "8", "--vs-hf", "--json", str(tmp_path / "b.json"),
+                     "--gen-len", "6", "--sliding-window", "8", "--repeats", "2", "--vs-hf", "--json", str(tmp_path / "b.json"),
                      "--plot", str(tmp_path / "b.png")])
     assert code == 0
     out = capsys.readouterr().out
@@ -27,6 +27,9 @@ def test_bench_refuses_bad_arguments(capsys):
     assert cli.main(["bench", "--batch", "x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
     assert cli.main(["bench", "--ckpt", "/nonexistent", "--vs-hf"]) == 2
+    capsys.readouterr()
+    assert cli.main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
 
 
 def test_synthetic_weights_are_deterministic():

@@ -23,7 +23,8 @@ def _hf_tensors(model) -> dict[str, np.ndarray]:
 
 
 def _expected_params(hf: dict[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
-    """Our params built independently of convert.py: [out, in] -> [in, out], gate/up stacked."""
+    """Our params built independently of convert.py: q, k, v, embedding [out, in] -> [in, out];
+    gate/up stacked; o and down as they are."""
     out = {"embedder/embedding": hf["model.embed_tokens.weight"].T, "final_norm/weight": hf["model.norm.weight"]}
     for i in range(layers):
         p, q = f"blocks/{i}/", f"model.layers.{i}."
@@ -31,10 +32,11 @@ def _expected_params(hf: dict[str, np.ndarray], layers: int) -> dict[str, np.nda
                              "post_attention_layernorm"), ("pre_ffw_norm/weight", "pre_feedforward_layernorm"),
                              ("post_ffw_norm/weight", "post_feedforward_layernorm")]:
             out[p + ours] = hf[q + theirs + ".weight"]
-        for ours in "qkvo":
+        for ours in "qkv":
             out[p + f"attn/{ours}"] = hf[q + f"self_attn.{ours}_proj.weight"].T
+        out[p + "attn/o"] = hf[q + "self_attn.o_proj.weight"]
         out[p + "mlp/gate_up"] = np.stack([hf[q + "mlp.gate_proj.weight"].T, hf[q + "mlp.up_proj.weight"].T], 1)
-        out[p + "mlp/down"] = hf[q + "mlp.down_proj.weight"].T
+        out[p + "mlp/down"] = hf[q + "mlp.down_proj.weight"]
     return out
 
 
