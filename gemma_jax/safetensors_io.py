@@ -1,4 +1,4 @@
-"""A strict, streaming safetensors reader: header checked against the file, tensors memory-mapped."""
+"""A strict, streaming safetensors reader: header checked against the file, tensors read in row blocks."""
 
 from __future__ import annotations
 
@@ -25,20 +25,9 @@ class TensorEntry:
     offset: int  # absolute byte offset in the file
     key: str = ""
 
-    def load(self) -> np.ndarray:
-        """A read-only memory map of the tensor (no copy until used)."""
-        count = int(np.prod(self.shape, dtype=np.int64))
-        if count == 0:
-            return np.zeros(self.shape, self.dtype)
-        try:
-            return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
-        except (OSError, ValueError) as e:  # the file changed since its header was read
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-            raise CheckpointError(f"{self.file}: cannot read tensor {self.key!r} ({reason})") from None
-
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of the tensor, read into a fresh array (no memory map is kept, so a
-        tensor read block by block never holds more than one block resident)."""
+        """Rows [start, stop) of the tensor, read into a fresh array (no memory map, so a tensor read
+        block by block never holds more than one block resident)."""
         out = np.empty((stop - start, *self.shape[1:]), self.dtype)
         row_bytes = out.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         try:
