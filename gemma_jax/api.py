@@ -26,11 +26,22 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef, state, tokens, positions):
-    model = nnx.merge(graphdef, state)
-    hidden, _ = model(tokens, positions)
-    return model.logits(hidden)
+_forward_logits = jax.jit(hooks_lib.forward, static_argnums=(0, 4))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init_cache(config: GemmaConfig, mesh: jax.sharding.Mesh, batch: int, max_length: int, dtype):
+    """A jitted maker of an empty cache laid out over mesh: one compilation per shape, reused."""
+    from gemma_jax.sharding import cache_sharding
+    layer = cache_sharding(config, mesh, batch)
+    out = kv.KVCache(tuple(kv.LayerKV(layer, layer) for _ in range(config.num_hidden_layers)),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return jax.jit(lambda: kv.init_cache(config, batch, max_length, dtype), out_shardings=out)
+
+
+def check_max_new_tokens(value, minimum: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise GenerationError(f"max_new_tokens must be an integer >= {minimum}, got {value!r}")
 
 
 class Gemma:
@@ -43,18 +54,14 @@ class Gemma:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self._forward = _forward_logits if mesh is None else jax.jit(
-            _forward_logits.__wrapped__, static_argnums=0,
+            hooks_lib.forward, static_argnums=(0, 4),
             out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def new_cache(self, batch: int, max_length: int) -> kv.KVCache:
         """An empty KV cache, laid out over the mesh when there is one."""
         if self.mesh is None:
             return kv.init_cache(self.config, batch, max_length, self.dtype)
-        from gemma_jax.sharding import cache_sharding
-        layer = cache_sharding(self.config, self.mesh, batch)
-        out = kv.KVCache(tuple(kv.LayerKV(layer, layer) for _ in range(self.config.num_hidden_layers)),
-                         jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-        return jax.jit(lambda: kv.init_cache(self.config, batch, max_length, self.dtype), out_shardings=out)()
+        return _sharded_init_cache(self.config, self.mesh, batch, max_length, self.dtype)()
 
     @property
     def model(self) -> Transformer:
@@ -65,12 +72,8 @@ class Gemma:
             bad = int(tokens.min() if tokens.min() < 0 else tokens.max())
             raise GenerationError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def logits(self, token_ids, attention_mask=None, check_finite: bool = False) -> np.ndarray:
-        """int [B, T] ids (and optional 0/1 mask for padding) -> float32 logits [B, T, V].
-
-        check_finite: if the logits hold NaN or inf, raise GenerationError naming the first hook
-        site (layer) where a non-finite value appears.
-        """
+    def _prepare(self, token_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
+        """Checked int [B, T] ids and optional 0/1 mask -> (ids with padding replaced, positions)."""
         tokens = np.asarray(token_ids)
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise GenerationError(f"token_ids must be a non-empty [batch, length] array, got shape {list(tokens.shape)}")
@@ -84,11 +87,19 @@ class Gemma:
             raise GenerationError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings "
                                   f"{self.config.max_position_embeddings}")
         tokens = np.where(mask.astype(bool), tokens, self.config.pad_token_id).astype(np.int32)
-        tokens, positions = jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask))
+        return jnp.asarray(tokens), jnp.asarray(positions_from_mask(mask))
+
+    def logits(self, token_ids, attention_mask=None, check_finite: bool = False) -> np.ndarray:
+        """int [B, T] ids (and optional 0/1 mask for padding) -> float32 logits [B, T, V].
+
+        check_finite: if the logits hold NaN or inf, raise GenerationError naming the first hook
+        site (layer) where a non-finite value appears.
+        """
+        tokens, positions = self._prepare(token_ids, attention_mask)
         out = np.asarray(self._forward(self.graphdef, self.state, tokens, positions), dtype=np.float32)
         if check_finite and not np.isfinite(out).all():
-            flags = hooks_lib.finite_by_site(self.graphdef, self.state, tokens, positions)
-            first = next((n for n in hooks_lib.site_names(self.config) if not bool(flags[n])), "hook_logits")
+            flags = jax.device_get(hooks_lib.finite_by_site(self.graphdef, self.state, tokens, positions))
+            first = next((n for n in hooks_lib.site_names(self.config) if not flags[n]), "hook_logits")
             raise GenerationError(f"non-finite values (NaN/inf) first appear at {first}")
         return out
 
@@ -118,14 +129,10 @@ class Gemma:
         return (result.tokens, result.logprobs) if return_logprobs else result.tokens
 
     def _hooks(self, hooks) -> hooks_lib.Hooks | None:
-        if not hooks:
-            return None
-        from gemma_jax.interp import resolve
-        return hooks_lib.Hooks(tuple((site, fn) for key, fn in hooks.items() for site in resolve(self.config, key)))
+        return hooks_lib.Hooks.from_mapping(self.config, hooks) if hooks else None
 
     def _check_prompts(self, prompts, max_new_tokens) -> list[list[int]]:
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
             raise GenerationError("prompts must be a list of token-id lists")
         if len(prompts) == 0:
@@ -170,10 +177,15 @@ class Gemma:
         `stream(text_piece)` gets the reply as it is generated."""
         tok = self._need_tokenizer()
         ids = tok.encode_chat(messages, add_generation_prompt=True)
-        stop_ids = tuple(self.config.eos_token_ids) + (tok.token_id("<end_of_turn>"),)
+        stop_ids = self.chat_stop_ids()
         on_text = None if stream is None else (lambda _row, piece: stream(piece))
         return self._generate_text([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, (),
                                    on_text, hooks)[0]
+
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a chat reply: the config's eos ids, the tokenizer's eos and <end_of_turn>
+        (jpn-it's config lists only eos)."""
+        return tuple(dict.fromkeys((*self.config.eos_token_ids, *self._need_tokenizer().stop_ids_for_chat())))
 
     def _generate_text(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
                        stop_strings, stream, hooks=None):

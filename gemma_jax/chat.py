@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gemma_jax import cache as kv
 from gemma_jax import sampler
-from gemma_jax.api import Gemma, TextStream
+from gemma_jax.api import Gemma, TextStream, check_max_new_tokens
 from gemma_jax.errors import GenerationError
 from gemma_jax.tokenizer import END_OF_TURN
 
@@ -15,12 +15,13 @@ class ChatSession:
 
     def __init__(self, model: Gemma, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+        check_max_new_tokens(max_new_tokens, minimum=1)  # a turn always ends with a reply
         self.model, self.tokenizer = model, model._need_tokenizer()
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.sampling = sampler.Sampling(temperature, top_k, top_p)
         self.end_of_turn = self.tokenizer.token_id(END_OF_TURN)
         self.newline = self.tokenizer.encode("\n", add_bos=False)
-        self.stop_ids = tuple(model.config.eos_token_ids) + (self.end_of_turn,)
+        self.stop_ids = model.chat_stop_ids()
         self.reset()
 
     def reset(self) -> None:

@@ -22,14 +22,16 @@ Sites, in forward order (shapes for a forward over T tokens):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gemma_jax.config import GemmaConfig
+from gemma_jax.errors import GenerationError
 
 _BLOCK_SITES = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
                 "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
@@ -44,27 +46,55 @@ def site_names(config: GemmaConfig) -> list[str]:
     return names + ["ln_final.hook_normalized", "hook_logits"]
 
 
+def resolve(config: GemmaConfig, names: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Exact site names for names/glob patterns ('blocks.*.hook_resid_post'); None means all."""
+    every = site_names(config)
+    if names is None:
+        return tuple(every)
+    patterns = [names] if isinstance(names, str) else list(names)
+    out = []
+    for pattern in patterns:
+        hits = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise GenerationError(f"no hook site matches {pattern!r} (see gemma_jax.hooks.site_names)")
+        out += [h for h in hits if h not in out]
+    return tuple(sorted(out, key=every.index))
+
+
+def forward(graphdef, state, tokens, positions, hook=None):
+    """Pure forward (no jit of its own): soft-capped float32 logits [B, T, V] with an optional
+    `hook(name, value) -> value` applied at every site."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model(tokens, positions, hook=hook)
+    return model.logits(hidden, hook=hook)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def finite_by_site(graphdef, state, tokens, positions) -> dict[str, jax.Array]:
     """Whether every value at each site is finite (one bool per site), in one compiled call."""
-    model = nnx.merge(graphdef, state)
     flags = {}
 
     def hook(name, value):
         flags[name] = jnp.all(jnp.isfinite(value))
         return value
 
-    hidden, _ = model(tokens, positions, hook=hook)
-    model.logits(hidden, hook=hook)
+    forward(graphdef, state, tokens, positions, hook)
     return flags
 
 
 @dataclasses.dataclass(frozen=True)
 class Hooks:
     """Edits at hook sites, `((site, fn), ...)`, as a hashable callable `hook(name, value)`: a
-    static argument under jit (the same functions compile once)."""
+    static argument under jit (the same functions compile once). Every entry for a site applies,
+    in order."""
 
     table: tuple[tuple[str, Callable], ...]
+
+    @classmethod
+    def from_mapping(cls, config: GemmaConfig, hooks: Mapping[str, Callable]) -> Hooks:
+        """{site or pattern: fn(value) -> value} -> Hooks; a site matched by several keys gets each
+        key's function, in the mapping's order."""
+        return cls(tuple((site, fn) for key, fn in hooks.items() for site in resolve(config, key)))
 
     def __call__(self, name: str, value: jax.Array) -> jax.Array:
         for site, fn in self.table:

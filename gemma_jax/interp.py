@@ -7,7 +7,6 @@ Site names are those of `hooks.site_names` (TransformerLens style). Functions he
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from typing import Callable, Iterable, Mapping
 
@@ -17,67 +16,37 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax.errors import GenerationError
-from gemma_jax.hooks import site_names
+from gemma_jax.hooks import Hooks, forward, resolve  # noqa: F401 (forward, resolve: public here too)
 
 HookFn = Callable[[jax.Array], jax.Array]
 
 
-def resolve(config, names: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Exact site names for names/glob patterns ('blocks.*.hook_resid_post'); None means all."""
-    every = site_names(config)
-    if names is None:
-        return tuple(every)
-    patterns = [names] if isinstance(names, str) else list(names)
-    out = []
-    for pattern in patterns:
-        hits = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise GenerationError(f"no hook site matches {pattern!r} (see gemma_jax.hooks.site_names)")
-        out += [h for h in hits if h not in out]
-    return tuple(sorted(out, key=every.index))
-
-
 def _inputs(model, tokens, attention_mask=None):
-    from gemma_jax.api import positions_from_mask
+    """One prompt [T] or a batch [B, T] (and mask), checked as `Gemma.logits` checks them."""
     tokens = np.asarray(tokens)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    model.check_tokens(tokens)
-    mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask)
-    return jnp.asarray(tokens, jnp.int32), jnp.asarray(positions_from_mask(mask))
-
-
-def forward(graphdef, state, tokens, positions, hook=None):
-    """Pure forward (no jit of its own): soft-capped float32 logits [B, T, V] with an optional
-    `hook(name, value) -> value` applied at every site."""
-    model = nnx.merge(graphdef, state)
-    hidden, _ = model(tokens, positions, hook=hook)
-    return model.logits(hidden, hook=hook)
-
-
-def _hook_from(hooks: tuple[tuple[str, HookFn], ...], store: dict | None = None, names=()):
-    table = dict(hooks)
-
-    def hook(name, value):
-        if name in table:
-            value = table[name](value)
-        if name in names:
-            store[name] = value
-        return value
-    return hook
+        attention_mask = None if attention_mask is None else np.asarray(attention_mask)[None]
+    return model._prepare(tokens, attention_mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _run(graphdef, state, tokens, positions, names, hooks):
+def _run(graphdef, state, tokens, positions, names: tuple[str, ...], edits: Hooks):
+    """Logits and the activations at `names` (after `edits`), in one compiled call."""
     store: dict = {}
-    logits = forward(graphdef, state, tokens, positions, _hook_from(hooks, store, names))
-    return logits, store
+
+    def hook(name, value):
+        value = edits(name, value)
+        if name in names:
+            store[name] = value
+        return value
+    return forward(graphdef, state, tokens, positions, hook), store
 
 
 def run_with_cache(model, tokens, names=None, attention_mask=None):
     """(logits, {site: activation}) for the requested sites, in one compiled call."""
     tokens, positions = _inputs(model, tokens, attention_mask)
-    logits, store = _run(model.graphdef, model.state, tokens, positions, resolve(model.config, names), ())
+    logits, store = _run(model.graphdef, model.state, tokens, positions, resolve(model.config, names), Hooks(()))
     return np.asarray(logits), {k: np.asarray(v) for k, v in store.items()}
 
 
@@ -88,9 +57,8 @@ def run_with_hooks(model, tokens, hooks: Mapping[str, HookFn], names=(), attenti
     Hook functions are static under jit: reuse the same function objects to avoid recompiling.
     """
     tokens, positions = _inputs(model, tokens, attention_mask)
-    table = tuple((site, fn) for key, fn in hooks.items() for site in resolve(model.config, key))
     logits, store = _run(model.graphdef, model.state, tokens, positions,
-                         resolve(model.config, names) if names else (), table)
+                         resolve(model.config, names) if names else (), Hooks.from_mapping(model.config, hooks))
     logits = np.asarray(logits)
     return (logits, {k: np.asarray(v) for k, v in store.items()}) if names else logits
 
@@ -116,15 +84,24 @@ def add_vector(vector, scale: float = 1.0) -> HookFn:
     return fn
 
 
-def patch_from(cache_value, positions: Iterable[int] | None = None) -> HookFn:
-    """Replace the activation by `cache_value` (from another run), at all or some positions."""
+def patch_from(cache_value, positions: Iterable[int] | None = None, axis: int = 1) -> HookFn:
+    """Replace the activation by `cache_value` (from another run), at all or some positions.
+
+    positions index `axis`: 1 is the token axis of every site except hook_attn_scores and
+    hook_pattern ([B, N, T, S]), whose query axis is 2.
+    """
     cache_value = jnp.asarray(cache_value)
-    pos = None if positions is None else jnp.asarray(list(positions))
+    pos = None if positions is None else np.asarray(list(positions), np.int64)
 
     def fn(x):
         if pos is None:
             return cache_value.astype(x.dtype)
-        return x.at[:, pos].set(cache_value[:, pos].astype(x.dtype))
+        n = x.shape[axis]
+        if pos.size and not (-n <= pos.min() and pos.max() < n):  # .at[] would drop it silently
+            raise GenerationError(f"position {int(pos.min() if pos.min() < -n else pos.max())} is out of "
+                                  f"range for axis {axis} of size {n}")
+        index = (slice(None),) * axis + (pos,)
+        return x.at[index].set(cache_value[index].astype(x.dtype))
     return fn
 
 

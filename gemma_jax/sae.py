@@ -116,4 +116,7 @@ def splice(model, tokens, sae: JumpReLUSAE, site: str, use_error_term: bool = Fa
 
 def steering_hook(sae: JumpReLUSAE, feature: int, scale: float):
     """A hook adding `scale` times the feature's decoder row at the SAE's site."""
+    width = sae.W_dec.shape[0]
+    if not 0 <= feature < width:  # indexing would clamp to the last row silently
+        raise GenerationError(f"feature {feature} is out of range: the SAE has {width} features")
     return interp.add_vector(sae.W_dec[feature], scale)

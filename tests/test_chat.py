@@ -11,6 +11,7 @@ import gemma_jax
 from gemma_jax import cli
 from gemma_jax.api import TextStream
 from gemma_jax.chat import ChatSession
+from gemma_jax.errors import GenerationError
 from hf_oracle import with_real_tokenizer
 
 
@@ -73,9 +74,31 @@ def test_chat_session_reuses_the_cache(model):
 
 
 def test_chat_session_grows_its_cache(model):
+    """A long second turn outgrows the first turn's cache: kv.grow keeps what it holds."""
     session = ChatSession(model, max_new_tokens=8)
-    session.send("x " * 200)          # more than the first cache bucket of 256 positions
-    assert session.capacity >= session.cached + 8
+    session.send("Hi")
+    first_capacity, history = session.capacity, list(session.history)
+    assert first_capacity == 256 and session.cached > 0
+    text = "x " * 300                   # the whole conversation no longer fits in 256 positions
+    session.send(text)
+    assert session.capacity == 512 and session.capacity >= session.cached + 8
+    assert session.cache.layers[1].k.shape[1] == session.capacity   # layer 1 is global: full length
+    turn = model.tokenizer.encode_chat([{"role": "user", "content": text}])[1:]
+    expected = model.generate_ids([history + turn], 8, stop_ids=list(model.config.eos_token_ids) + [107])[0]
+    assert session.history[len(history) + len(turn):-2] == expected
+
+
+def test_chat_session_refuses_a_bad_max_new_tokens(model):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(GenerationError, match="max_new_tokens must be an integer >= 1"):
+            ChatSession(model, max_new_tokens=bad)
+
+
+def test_chat_stops_at_end_of_turn_and_every_eos(model):
+    stops = model.chat_stop_ids()
+    assert model.tokenizer.token_id("<end_of_turn>") in stops
+    assert set(model.config.eos_token_ids) | {model.tokenizer.eos_id} <= set(stops)
+    assert len(stops) == len(set(stops)) and ChatSession(model).stop_ids == stops
 
 
 def test_chat_cli_conversation(model, monkeypatch, capsys):

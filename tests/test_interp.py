@@ -255,6 +255,49 @@ def test_patching_a_run_with_its_own_cache_changes_nothing(tiny, ids, cache, pla
     assert worst <= 1e-5
 
 
+def test_patch_from_positions_on_token_and_query_axes(tiny, ids, cache):
+    """positions patch only those tokens (axis 1), or those queries of [B, N, T, S] sites (axis 2);
+    an out-of-range position is refused, not dropped."""
+    _, ours = tiny
+    for site, positions, axis in (("blocks.1.hook_resid_pre", [2, 5], 1), ("blocks.1.attn.hook_pattern", [3], 2)):
+        other = cache[1][site][::-1]  # the other row's activations
+        _, store = interp.run_with_hooks(ours, ids, {site: interp.patch_from(other, positions, axis)}, names=[site])
+        index = (slice(None),) * axis + (positions,)
+        np.testing.assert_array_equal(store[site][index], other[index])   # patched: exactly the other run
+        kept = np.delete(store[site], positions, axis=axis)  # the rest: this run, up to float32 rounding
+        np.testing.assert_allclose(kept, np.delete(cache[1][site], positions, axis=axis), atol=1e-5, rtol=0)
+        assert np.abs(other[index] - cache[1][site][index]).max() > 1e-2  # and the patch is visible
+    with pytest.raises(GenerationError, match="position 16 is out of range for axis 1 of size 16"):
+        site = "blocks.1.hook_resid_pre"
+        interp.run_with_hooks(ours, ids, {site: interp.patch_from(cache[1][site], [16])})
+
+
+def test_hooks_matched_twice_all_apply_in_every_path(tiny, ids, cache):
+    """A site matched by two keys gets both functions, in order, in run_with_hooks and in
+    generation alike (one mechanism: hooks.Hooks)."""
+    _, ours = tiny
+    one, two = (np.full(ours.config.hidden_size, v, np.float32) for v in (1.0, 2.0))
+    edits = {"blocks.0.hook_resid_post": interp.add_vector(one), "blocks.*.hook_resid_post": interp.add_vector(two)}
+    _, store = interp.run_with_hooks(ours, ids, edits, names=["blocks.0.hook_resid_post"])
+    np.testing.assert_allclose(store["blocks.0.hook_resid_post"], cache[1]["blocks.0.hook_resid_post"] + 3.0,
+                               atol=1e-5, rtol=0)
+    applied = ours._hooks(edits)("blocks.0.hook_resid_post", jnp.zeros(ours.config.hidden_size))
+    np.testing.assert_array_equal(np.asarray(applied), one + two)
+
+
+def test_interp_inputs_are_checked_like_logits(tiny, ids, cache):
+    """Padding ids may be anything (as in Gemma.logits); a bad mask shape is a GenerationError."""
+    _, ours = tiny
+    mask = np.ones_like(ids)
+    mask[:, :3] = 0
+    padded = ids.copy()
+    padded[:, :3] = -1
+    logits, _ = interp.run_with_cache(ours, padded, ["hook_embed"], attention_mask=mask)
+    np.testing.assert_allclose(logits, ours.logits(ids, attention_mask=mask), atol=1e-6, rtol=0)
+    with pytest.raises(GenerationError, match="attention_mask shape"):
+        interp.run_with_cache(ours, ids, ["hook_embed"], attention_mask=mask[:, 1:])
+
+
 def test_head_ablation_changes_only_what_comes_after(tiny, ids, cache):
     _, ours = tiny
     cfg = ours.config
@@ -376,6 +419,8 @@ def test_sae_splice_with_error_term_reproduces_the_run(tiny, ids, cache, plain_l
     # steering with a feature adds scale * its decoder row
     steered = saelib.steering_hook(sae, j, 3.0)(jnp.asarray(x))
     np.testing.assert_allclose(steered, x + 3.0 * sae_file[1]["W_dec"][j], atol=1e-5, rtol=0)
+    with pytest.raises(GenerationError, match=f"feature {D_SAE} is out of range"):
+        saelib.steering_hook(sae, D_SAE, 3.0)
 
 
 def test_sae_load_errors(tmp_path, tiny, ids):
