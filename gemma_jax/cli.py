@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
 
+from gemma_jax import default
 from gemma_jax.errors import GemmaError, GemmaWarning, GenerationError
 
-DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma_jax" / "xla"
+DEFAULT_COMPILE_CACHE = default.cache_root() / "xla"
 
 
 class _UsageError(Exception):
@@ -123,7 +123,6 @@ def _load(args):
         mesh = make_mesh(*parse_mesh(args.mesh))
     ckpt = args.ckpt
     if ckpt is None:
-        from gemma_jax import default
         from gemma_jax.convert import tqdm_progress
         print(f"gemma-jax: using {default.DESCRIPTION}; pass --ckpt DIR for real weights", file=sys.stderr)
         ckpt = default.checkpoint_dir(progress=tqdm_progress("converting the default model"))

@@ -48,6 +48,9 @@ class GemmaConfig:
     bos_token_id: int = 2
 
     def __post_init__(self):
+        for name in ("layer_types", "eos_token_ids"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
                      "max_position_embeddings"):
@@ -131,10 +134,6 @@ class GemmaConfig:
                          if f.name not in d and f.default is dataclasses.MISSING)
         if missing:
             raise ConfigError(f"config is missing fields {missing}")
-        d = dict(d)
-        for name in ("layer_types", "eos_token_ids"):
-            if isinstance(d.get(name), list):
-                d[name] = tuple(d[name])
         return cls(**d)
 
     @classmethod
@@ -187,7 +186,7 @@ class GemmaConfig:
             head_dim=hf["head_dim"],
             query_pre_attn_scalar=hf["query_pre_attn_scalar"],
             sliding_window=hf["sliding_window"],
-            layer_types=tuple(layer_types) if isinstance(layer_types, list) else layer_types,
+            layer_types=layer_types,
             attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0),
             final_logit_softcapping=hf.get("final_logit_softcapping", 30.0),
             rope_theta=float(theta) if _is_number(theta) else theta,
@@ -195,7 +194,7 @@ class GemmaConfig:
             max_position_embeddings=default("max_position_embeddings", 8192),
             tie_word_embeddings=default("tie_word_embeddings", True),
             pad_token_id=default("pad_token_id", 0),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            eos_token_ids=eos if isinstance(eos, list) else (eos,),
             bos_token_id=default("bos_token_id", 2),
         )
 

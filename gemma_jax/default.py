@@ -15,7 +15,7 @@ DESCRIPTION = "the built-in default model (a tiny Gemma 2 trained on the Python 
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma_jax"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma_jax"
 
 
 def fingerprint() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_oracle import hf_logits, hf_model, save  # noqa: E402
+from hf_oracle import hf_generate, hf_logits, hf_model, save  # noqa: E402
 
 import gemma_jax  # noqa: E402
 
@@ -33,8 +33,7 @@ def main() -> None:
     print(f"[3/4] logits [2, 40, 256] vs HF eager float32: max |diff| = {diff:.2e}")
     prompt = ids[0, :7].tolist()
     ours = model.generate_ids([prompt], max_new_tokens=24, stop_ids=[])[0]
-    theirs = hf.generate(__import__("torch").tensor([prompt]), max_new_tokens=24, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    theirs = hf_generate(hf, prompt, 24)
     print(f"[4/4] greedy 24 tokens (window 8, ring buffer wraps 3x): ours == HF: {ours == theirs}\n"
           f"      {ours}")
     print(f"done in {time.perf_counter() - start:.1f}s")

@@ -123,8 +123,9 @@ def main() -> None:
     graphdef, params = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"model: {n_params / 1e6:.2f} M parameters", flush=True)
-    total_steps = 100_000  # the schedule's horizon; the time budget ends training
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 100, total_steps // 20, args.lr * 0.1)
+    # 100 warmup steps, cosine decay to lr/10 at step 5000, then constant; the time budget ends training
+    decay_end = 5_000
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 100, decay_end, args.lr * 0.1)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.01))
     opt_state = optimizer.init(params)
     positions = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))

@@ -51,6 +51,15 @@ def hf_logits(model, ids, attention_mask=None):
         return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
 
 
+def hf_generate(hf, prompt, n, eos=None):
+    """HF greedy continuation of one prompt alone (includes eos when it stops on it)."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                          temperature=None, top_k=None, top_p=None)
+    return out[0, len(prompt):].tolist()
+
+
 def with_real_tokenizer(root: Path, **overrides) -> Path:
     """A tiny HF model with the real Gemma 2 vocabulary (tokenizer.model copied in), converted;
     skips the calling test when GEMMA_JAX_TOKENIZER_DIR is not set."""

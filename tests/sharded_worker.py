@@ -10,19 +10,18 @@ import sys
 import jax
 import numpy as np
 
+import gemma_jax
+from gemma_jax import sharding
+
 args = sys.argv[1:]
-if "--distributed" in args:
+if "--distributed" in args:  # before anything starts a JAX backend, as the CLI does
     i = args.index("--distributed")
-    coordinator, nproc, pid = args[i + 1], int(args[i + 2]), int(args[i + 3])
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=nproc, process_id=pid)
+    sharding.initialize_distributed(args[i + 1], int(args[i + 2]), int(args[i + 3]))
     args = args[:i]
 ckpt, out_path = args[0], args[1]
 
-import gemma_jax  # noqa: E402
-from gemma_jax import sharding  # noqa: E402
-
 n = jax.device_count()
-meshes = [(n, 1), (1, n)] + ([(2, n // 2)] if n >= 4 else [])
+meshes = list(dict.fromkeys([(n, 1), (1, n)] + ([(2, n // 2)] if n >= 4 else [])))
 ids = np.random.default_rng(0).integers(3, 128, (2, 19))
 prompts = [ids[0, :7].tolist(), ids[1, :3].tolist()]
 results = {"devices": n, "processes": jax.process_count()}

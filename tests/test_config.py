@@ -25,6 +25,15 @@ def test_hf_round_trip(preset):
     assert GemmaConfig.from_dict(config.to_dict()) == config
 
 
+def test_lists_are_accepted_as_tuples():
+    config = gemma2_2b()
+    fields = config.to_dict()
+    assert isinstance(fields["layer_types"], list) and isinstance(fields["eos_token_ids"], list)
+    from_lists = GemmaConfig(**fields)
+    assert from_lists == config and hash(from_lists) == hash(config)
+    assert isinstance(from_lists.layer_types, tuple) and isinstance(from_lists.eos_token_ids, tuple)
+
+
 def test_jpn_it_scalar_comes_from_the_config():
     hf = gemma2_2b().to_hf()
     hf["query_pre_attn_scalar"] = 224

@@ -49,21 +49,22 @@ def test_shipped_files_are_small_hf_format():
     assert config["num_attention_heads"] > config["num_key_value_heads"]
 
 
+def test_empty_xdg_cache_home_means_the_default(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert default.cache_root().is_absolute()
+
+
 def test_converted_once_into_the_cache(converted):
     assert (converted / "gemma_config.json").is_file() and (converted / "tokenizer.model").is_file()
     assert default.checkpoint_dir() == converted  # second call: no new conversion
 
 
 def test_parity_with_hf_on_the_default_model(converted, report):
-    import torch
-    import transformers
+    from gemma_jax.parity import hf_activations
     model = gemma_jax.load(converted, dtype="float32")
     ids = np.asarray([model.tokenizer.encode(HELD_OUT * 4)[:400]])
     assert ids.shape[1] > 3 * model.config.sliding_window  # the sliding layers' window matters
-    hf = transformers.Gemma2ForCausalLM.from_pretrained(default.HF_DIR, dtype=torch.float32,
-                                                        attn_implementation="eager")
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    _, theirs = hf_activations(default.HF_DIR, ids)
     diff = float(np.abs(model.logits(ids) - theirs).max())
     report("default model parity max|dlogit| vs HF", diff)
     assert diff <= 2e-4

@@ -11,13 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import gemma_jax
 from gemma_jax import GenerationError, gemma2_2b, sampler
 from gemma_jax import cache as kv
-from hf_oracle import hf_model, save
+from hf_oracle import hf_generate, hf_model, save
 
 # name -> hf_model arguments. Windows are a few tokens; every run generates >= 3x the window.
 MODELS = {
@@ -70,15 +69,6 @@ def tiny(converted):
 def greedy_nostop(tiny):
     """Our greedy outputs for PROMPTS with no stop ids (checked against HF in test 1)."""
     return tiny[1].generate_ids(PROMPTS, NEW, stop_ids=[])
-
-
-def hf_generate(hf, prompt, n, eos=None):
-    """HF greedy continuation of one prompt alone (includes eos when it stops on it)."""
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                          temperature=None, top_k=None, top_p=None)
-    return out[0, len(prompt):].tolist()
 
 
 def _padded_logits(ours, rows):

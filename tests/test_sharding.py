@@ -21,9 +21,9 @@ WORKER = Path(__file__).with_name("sharded_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, devices, extra_env=None, timeout=300):
+def _run(args, devices):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
