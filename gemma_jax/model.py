@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma_jax import cache as kv
+from gemma_jax.attention import attend
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
 
@@ -27,23 +28,9 @@ Hook = Callable[[str, jax.Array], jax.Array]
 def _site(hook: Hook | None, name: str, value: jax.Array) -> jax.Array:
     return value if hook is None else hook(name, value)
 
-_MASKED = -2.3819763e38  # finite "minus infinity": a query with no visible key stays NaN-free
-
 
 def _dense(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
     return nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, param_dtype))
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, S] bool: key visible to query iff 0 <= k <= q (and q - W < k on sliding layers).
-
-    Positions of -1 mark padding (never visible as keys).
-    """
-    q, k = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (k >= 0) & (k <= q)
-    if window is not None:
-        mask &= q - k < window
-    return mask
 
 
 class Attention(nnx.Module):
@@ -85,20 +72,9 @@ class Attention(nnx.Module):
                 values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
                 key_pos = jnp.concatenate([kv.slot_positions(end, slots), positions], axis=1)
 
-        q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys,
-                            preferred_element_type=jnp.float32).astype(dt) * self.scale
-        scores = softcap(scores.astype(jnp.float32), self.softcap)  # soft-cap before the mask
-        mask = attention_mask(positions, key_pos, self.window)[:, None, None]
-        scores = jnp.where(mask, scores, _MASKED)
-        if hook is not None:  # sites see [B, N, T, S]
-            scores = hook(f"{self.name}.hook_attn_scores", scores.reshape(b, self.num_heads, t, -1)
-                          ).reshape(scores.shape)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        if hook is not None:
-            probs = hook(f"{self.name}.hook_pattern", probs.reshape(b, self.num_heads, t, -1)).reshape(probs.shape)
-        z = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, -1)
-        z = _site(hook, f"{self.name}.hook_z", z)
+        z = attend(q, keys, values, positions, key_pos, scale=self.scale, softcap=self.softcap,
+                   window=self.window, hook=hook, name=self.name)
+        z = _site(hook, f"{self.name}.hook_z", z.reshape(b, t, -1))
         out = jnp.einsum("BTI,DI->BTD", z, self.o[...].astype(dt))
 
         return out, new_cache
