@@ -11,11 +11,11 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax import cache as kv
-from gemma_jax import checkpoint, sampler
+from gemma_jax import checkpoint, quant, sampler
 from gemma_jax import hooks as hooks_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import GenerationError, TokenizerError
-from gemma_jax.model import Transformer, abstract_model
+from gemma_jax.model import Transformer, abstract_model, weight_in_axis
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -237,29 +237,48 @@ class TextStream:
         return piece
 
 
-def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Gemma:
-    """Load a converted checkpoint. dtype: 'float32' | 'bfloat16' | None (the stored dtype).
+def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+         quantize: str | None = None, int8_mode: str | None = None) -> Gemma:
+    """Load a converted checkpoint. dtype: 'float32' | 'bfloat16' | None (the stored dtype): the
+    compute dtype (and that of the float params).
 
-    With a mesh (see sharding.make_mesh) the params are restored straight into sharded arrays:
-    each process reads only the shards its devices hold.
+    quantize="int8" quantizes a float checkpoint while loading, one layer at a time (a checkpoint
+    converted with quantize="int8" is int8 already). int8_mode picks the int8 product (see
+    quant.py): "dynamic" (int8 activations; the default on CPU) or "weight-only" (the default on
+    GPU/TPU). With a mesh (see sharding.make_mesh) the params are restored straight into sharded
+    arrays: each process reads only the shards its devices hold.
     """
     ckpt_dir = Path(ckpt_dir)
-    config, stored = checkpoint.read_meta(ckpt_dir)
-    dtype = dtype or stored
+    info = checkpoint.read_info(ckpt_dir)
+    config = info.config
+    dtype = dtype or info.param_dtype
     if dtype not in DTYPES:
         raise GenerationError(f"dtype {dtype!r} is not supported (float32 or bfloat16)")
+    if quantize not in (None, *quant.METHODS):
+        raise GenerationError(f"quantize {quantize!r} is not supported (None or {', '.join(map(repr, quant.METHODS))})")
+    quantized = info.quantization or quantize
+    if int8_mode is not None and (int8_mode not in quant.MODES or not quantized):
+        raise GenerationError(f"int8_mode {int8_mode!r}: choose one of {', '.join(quant.MODES)}, for int8 weights "
+                              "(an int8 checkpoint or quantize='int8')")
+    mode = (int8_mode or quant.default_mode()) if quantized else None
     jdtype = DTYPES[dtype]
-    abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype)
+    abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype, int8_mode=mode)
     shapes = checkpoint.param_shapes(abstract)
     if mesh is None:
         shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     else:
         from gemma_jax.sharding import param_shardings
         shardings = param_shardings(shapes, config, mesh)
-    expected = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()}
-    params = checkpoint.restore(ckpt_dir, expected)
+    if quantized and not info.quantization:
+        stored = checkpoint.param_shapes(abstract_model(config, param_dtype=jdtype, dtype=jdtype))
+        expected = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32 if weight_in_axis(k) is not None else v.dtype)
+                    for k, v in stored.items()}
+        params = checkpoint.restore_quantizing(ckpt_dir, expected, mode, shardings)
+    else:
+        expected = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()}
+        params = checkpoint.restore(ckpt_dir, expected)
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, checkpoint.unflatten(params))
+    nnx.replace_by_pure_dict(state, checkpoint.unflatten(params, int8_mode=mode))
     model = nnx.merge(graphdef, state)
     tokenizer = None
     if (ckpt_dir / "tokenizer.model").is_file():

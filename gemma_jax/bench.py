@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_jax import cpuinfo
 from gemma_jax.config import PRESETS, GemmaConfig, SLIDING
 
 TINY_PRESET = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -39,6 +40,8 @@ class BenchSpec:
     gen_len: int = 32
     seed: int = 0
     repeats: int = 3                # decode and TTFT: the best of this many runs (as the probe's best-of-5)
+    quantize: str | None = None     # "int8": int8 weights (a float ckpt is quantized while loading)
+    int8_mode: str | None = None    # "dynamic" | "weight-only" | None (the backend's default)
 
 
 def spec_config(spec: BenchSpec) -> GemmaConfig:
@@ -100,21 +103,29 @@ def _jax_model(spec: BenchSpec):
 
     from gemma_jax import api, checkpoint
     from gemma_jax.convert import NP_DTYPES, build_param, hf_shapes, name_table
-    from gemma_jax.model import abstract_model
+    from gemma_jax.model import abstract_model, weight_in_axis
     if spec.ckpt:
-        return api.load(spec.ckpt, dtype=spec.dtype)
+        return api.load(spec.ckpt, dtype=spec.dtype, quantize=spec.quantize, int8_mode=spec.int8_mode)
     config = spec_config(spec)
     dtype = api.DTYPES[spec.dtype]
     np_dtype = NP_DTYPES[spec.dtype]
-    abstract = abstract_model(config, param_dtype=dtype, dtype=dtype)
+    mode = None
+    if spec.quantize:
+        from gemma_jax import quant
+        mode = spec.int8_mode or quant.default_mode()
+    abstract = abstract_model(config, param_dtype=dtype, dtype=dtype, int8_mode=mode)
     shapes = hf_shapes(config)
     params = {}
     for ours, (theirs, how) in name_table(config).items():
         arrays = [synthetic_tensor(t, shapes[t], spec.seed) for t in theirs]
-        params[ours] = jax.device_put(build_param(how, arrays, np_dtype))
+        if mode and weight_in_axis(ours) is not None:  # quantized as `convert --quantize int8` does
+            values, scale = build_param(how, arrays, np_dtype, quantize=True)
+            params[f"{ours}/values"], params[f"{ours}/scale"] = jax.device_put(values), jax.device_put(scale)
+        else:
+            params[ours] = jax.device_put(build_param(how, arrays, np_dtype))
         del arrays
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, checkpoint.unflatten(params))
+    nnx.replace_by_pure_dict(state, checkpoint.unflatten(params, int8_mode=mode))
     return api.Gemma(nnx.merge(graphdef, state))
 
 
@@ -135,10 +146,12 @@ def jax_worker(spec: BenchSpec) -> dict:
 
     from gemma_jax import cache as kv
     from gemma_jax import sampler
-    out = {"side": "gemma_jax", "device": str(jax.devices()[0].platform), "dtype": spec.dtype}
+    out = {"side": "gemma_jax", "device": str(jax.devices()[0].platform), "dtype": spec.dtype,
+           "cpu": cpuinfo.cpu_info()}
     start = time.perf_counter()
     model = _jax_model(spec)
     out["load_s"] = time.perf_counter() - start
+    out["weights"] = _weights_label(model)
     out["bandwidth_GBps"] = bandwidth_probe(spec.dtype) / 1e9
     rng = np.random.default_rng(spec.seed)
     greedy = sampler.Sampling()
@@ -189,6 +202,15 @@ def jax_worker(spec: BenchSpec) -> dict:
     if stats:
         out["peak_device_GiB"] = stats.get("peak_bytes_in_use", 0) / 2**30
     return out
+
+
+def _weights_label(model) -> str:
+    """'float32', or 'int8 (dynamic)' / 'int8 (weight-only)' for a quantized model."""
+    import jax
+    from gemma_jax import quant
+    leaves = jax.tree.leaves(model.state, is_leaf=lambda x: isinstance(x, quant.QArray))
+    modes = sorted({leaf.mode for leaf in leaves if isinstance(leaf, quant.QArray)})
+    return f"int8 ({', '.join(modes)})" if modes else str(np.dtype(model.dtype))
 
 
 # -------------------------------------------------------------------------------- HF side
@@ -249,14 +271,22 @@ def _in_subprocess(side: str, spec: BenchSpec) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False) -> dict:
-    """All figures as a dict: {'spec', 'gemma_jax', 'hf'?, 'ratios'?}. Each side runs in its own
-    process, one after the other (so they never share memory or cores)."""
+def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False, vs_float: bool = False) -> dict:
+    """All figures as a dict: {'spec', 'cpu', 'gemma_jax', 'hf'?, 'ratios'?, 'float'?,
+    'int8_ratios'?}. Each side runs in its own process, one after the other (so they never share
+    memory or cores). vs_float (with spec.quantize): also gemma_jax with float weights, same run."""
     def stage(text):
         if progress:
             print(f"bench: {text}", file=sys.stderr, flush=True)
     stage("gemma_jax: building the model, probing bandwidth, prefill and decode ...")
-    result = {"spec": dataclasses.asdict(spec), "gemma_jax": _in_subprocess("jax", spec)}
+    result = {"spec": dataclasses.asdict(spec), "cpu": cpuinfo.cpu_info(), "gemma_jax": _in_subprocess("jax", spec)}
+    if vs_float and spec.quantize:
+        stage("gemma_jax with float weights (the int8 baseline) ...")
+        result["float"] = _in_subprocess("jax", dataclasses.replace(spec, quantize=None, int8_mode=None))
+        result["int8_ratios"] = [{"batch": q["batch"], "prompt_len": q["prompt_len"],
+                                  "decode_speedup": q["decode_tok_s_per_seq"] / f["decode_tok_s_per_seq"],
+                                  "prefill_speedup": q["prefill_tok_s"] / f["prefill_tok_s"]}
+                                 for q, f in zip(result["gemma_jax"]["runs"], result["float"]["runs"])]
     if vs_hf:
         stage("HF transformers on identical weights ...")
         result["hf"] = _in_subprocess("hf", spec)
@@ -272,7 +302,8 @@ def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False) -> dict:
 
 def format_report(result: dict) -> str:
     ours = result["gemma_jax"]
-    lines = [f"gemma_jax on {ours['device']} ({ours['dtype']}): load {ours['load_s']:.1f}s, "
+    lines = [cpuinfo.describe()]
+    lines += [f"gemma_jax on {ours['device']} ({ours.get('weights', ours['dtype'])}): load {ours['load_s']:.1f}s, "
              f"measured bandwidth {ours['bandwidth_GBps']:.1f} GB/s, peak RSS {ours['peak_rss_GiB']:.2f} GiB"]
     for r in ours["runs"]:
         lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: compile {r['compile_s']:.1f}s, TTFT {r['ttft_s']:.2f}s, "
@@ -289,6 +320,13 @@ def format_report(result: dict) -> str:
                          f"{ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill"
                          + ("" if ratio["same_greedy_tokens"] is None
                             else f", same greedy tokens: {ratio['same_greedy_tokens']}"))
+    if "float" in result:
+        lines.append(f"gemma_jax with {result['float']['weights']} weights (same run): load "
+                     f"{result['float']['load_s']:.1f}s, peak RSS {result['float']['peak_rss_GiB']:.2f} GiB")
+        for r, ratio in zip(result["float"]["runs"], result["int8_ratios"]):
+            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: prefill {r['prefill_tok_s']:.1f} tok/s, "
+                         f"decode {r['decode_tok_s_per_seq']:.2f} tok/s/seq -> {ours['weights']} is "
+                         f"{ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill")
     return "\n".join(lines)
 
 

@@ -5,6 +5,10 @@ Layout of a converted checkpoint:
     gemma_config.json    {"format": FORMAT, "param_dtype": ..., "config": GemmaConfig.to_dict(),
                           "params_files": {path under params/: size}}  (written last)
     tokenizer.model ...  copied from the HF directory when present
+
+An int8 checkpoint (format QUANT_FORMAT, "quantization": "int8") stores each weight matrix as two
+arrays, "NAME/values" (int8 [out..., in], HF's layout; see quant.py) and "NAME/scale" (float32
+[out..., 1]); the norms stay float in param_dtype. Float checkpoints stay format FORMAT.
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ import socket
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 import tensorstore as ts
 from flax import nnx
 from orbax.checkpoint import v1 as ocp1
 
+from gemma_jax import quant
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import CheckpointError, ConfigError, GemmaError
+from gemma_jax.model import weight_in_axis
 
 FORMAT = 3  # 2: embedding stored [D, V], Orbax partial saves; 3: o and down stored [out, in]
+QUANT_FORMAT = 4  # format 3 with int8 weights (NAME/values, NAME/scale): older readers refuse it
 CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
 _STATE = "state"  # Orbax keeps the pytree's arrays under params/state/ (zarr3 in OCDBT)
@@ -52,19 +61,28 @@ def _save_context() -> ocp1.Context:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"blocks": {0: {"attn": {"q": x}}}} -> {"blocks/0/attn/q": x}."""
+    """{"blocks": {0: {"attn": {"q": x}}}} -> {"blocks/0/attn/q": x}; an int8 QArray q becomes
+    "blocks/0/attn/q/values" and "blocks/0/attn/q/scale"."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "/"))
+        elif isinstance(value, quant.QArray):
+            out[f"{name}/values"], out[f"{name}/scale"] = value.values, value.scale
         else:
             out[name] = value
     return out
 
 
-def unflatten(flat: dict[str, Any]) -> dict:
-    """Inverse of flatten; path parts made of digits become ints (nnx list indices)."""
+def unflatten(flat: dict[str, Any], int8_mode: str | None = None) -> dict:
+    """Inverse of flatten (QArrays computed in int8_mode); path parts made of digits become ints
+    (nnx list indices)."""
+    flat = dict(flat)
+    for name in [n for n in flat if n.endswith("/values")]:
+        base = name[:-len("/values")]
+        flat[base] = quant.QArray(flat.pop(name), flat.pop(f"{base}/scale"), weight_in_axis(base),
+                                  int8_mode or "dynamic")
     tree: dict = {}
     for name, value in flat.items():
         node = tree
@@ -220,15 +238,18 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         raise error from None
 
 
-def save(directory: Path, config: GemmaConfig, groups: Iterable[dict[str, np.ndarray]], param_dtype: str) -> None:
+def save(directory: Path, config: GemmaConfig, groups: Iterable[dict[str, np.ndarray]], param_dtype: str,
+         quantization: str | None = None) -> None:
     """Write params (flat dicts, one group at a time: Orbax partial saves, so memory holds one
-    group), then gemma_config.json (written last)."""
+    group), then gemma_config.json (written last). quantization: None or "int8" (what the groups
+    hold)."""
     path = (Path(directory) / PARAMS_DIR).absolute()
     with _save_context():
         for group in groups:
             ocp1.partial.save(path, group)
         ocp1.partial.finalize(path)
-    meta = {"format": FORMAT, "param_dtype": param_dtype, "config": config.to_dict(),
+    meta = {"format": QUANT_FORMAT if quantization else FORMAT, "param_dtype": param_dtype,
+            **({"quantization": quantization} if quantization else {}), "config": config.to_dict(),
             "params_files": _list_files(Path(directory) / PARAMS_DIR)}
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -258,8 +279,20 @@ def _check_files(directory: Path, listed: Any, meta_path: Path) -> None:
                                   "convert again)")
 
 
+class CheckpointInfo(NamedTuple):
+    config: GemmaConfig
+    param_dtype: str                # of the float params (all of them, or the norms of an int8 one)
+    quantization: str | None        # None (float) or "int8"
+
+
 def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
     """(config, param dtype name) of a converted checkpoint; refuses anything else."""
+    info = read_info(directory)
+    return info.config, info.param_dtype
+
+
+def read_info(directory: Path) -> CheckpointInfo:
+    """Config, param dtype and quantization of a converted checkpoint; refuses anything else."""
     directory = Path(directory)
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -287,9 +320,14 @@ def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
         raise CheckpointError(f"{path}: corrupt checkpoint metadata (not UTF-8 text)") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupt checkpoint metadata (not a JSON object)")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, QUANT_FORMAT):
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
-                              f"(this gemma_jax reads format {FORMAT}; convert again)")
+                              f"(this gemma_jax reads formats {FORMAT} and {QUANT_FORMAT}; convert again)")
+    quantization = meta.get("quantization")
+    if (meta["format"] == QUANT_FORMAT) != (quantization is not None) or \
+            quantization not in (None, *quant.METHODS):
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (format {meta['format']} with "
+                              f"quantization {quantization!r})")
     for key in ("param_dtype", "config"):
         if key not in meta:
             raise CheckpointError(f"{path}: corrupt checkpoint metadata (no {key!r})")
@@ -303,7 +341,7 @@ def read_meta(directory: Path) -> tuple[GemmaConfig, str]:
     if not (directory / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{directory}: incomplete checkpoint (no {PARAMS_DIR}/ directory; convert again)")
     _check_files(directory, meta.get("params_files"), path)
-    return config, dtype
+    return CheckpointInfo(config, dtype, quantization)
 
 
 def _first_line(e: BaseException) -> str:
@@ -322,8 +360,8 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-    """Restore the flat params into `expected`'s shapes, dtypes (cast on read) and shardings."""
+def _checked_params_path(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> Path:
+    """params/ of a checkpoint whose stored names and shapes are exactly `expected`'s."""
     path = Path(directory).absolute() / PARAMS_DIR
     try:
         with _quiet_absl():  # Orbax logs its own warning for a damaged directory; ours is the error below
@@ -344,14 +382,56 @@ def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[
         if tuple(stored[name].shape) != tuple(want.shape):
             raise CheckpointError(f"{path}: param {name!r} has shape {list(stored[name].shape)}, "
                                   f"{CONFIG_FILE} needs {list(want.shape)}")
+    return path
+
+
+def restore(directory: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Restore the flat params into `expected`'s shapes, dtypes (cast on read) and shardings."""
+    path = _checked_params_path(directory, expected)
     try:
         if all(isinstance(want.sharding, jax.sharding.SingleDeviceSharding) for want in expected.values()):
             return _read_single_device(path, expected)
         with _quiet_absl():
             return ocp1.load(path, expected)
     except Exception as e:
-        raise CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint, cannot restore params "
-                              f"({_first_line(e)})") from None
+        raise _restore_error(path, e) from None
+
+
+def _restore_error(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: incomplete or corrupt Orbax checkpoint, cannot restore params "
+                           f"({_first_line(e)})")
+
+
+def restore_quantizing(directory: Path, expected: dict[str, jax.ShapeDtypeStruct], int8_mode: str,
+                       shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+    """Restore a float checkpoint as int8, one layer at a time: each layer's float params are read
+    on the host (the weights as float32), every weight matrix is quantized (quant.quantize; the
+    norms are not), and the arrays are placed per `shardings` (flat storage names: NAME/values and
+    NAME/scale for a weight). Memory holds one float layer."""
+    path = _checked_params_path(directory, expected)
+    groups: dict[str, list[str]] = {}
+    for name in expected:
+        groups.setdefault("/".join(name.split("/")[:2]) if name.startswith("blocks/") else name, []).append(name)
+    params = {}
+    for names in groups.values():
+        try:
+            host = _read_host(path, {n: expected[n] for n in names})
+        except Exception as e:
+            raise _restore_error(path, e) from None
+        for name in names:
+            axis = weight_in_axis(name)
+            parts = {name: host.pop(name)} if axis is None else \
+                flatten({name: quant.quantize(host.pop(name), axis, int8_mode)})
+            for part, array in parts.items():
+                params[part] = _place(array, shardings[part])
+    return params
+
+
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array as a jax.Array laid out per sharding (each process supplies its own shards)."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -362,10 +442,9 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def _read_single_device(path: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-    """Restore onto one device without Orbax's intermediate copies: TensorStore reads each stored
-    array (Orbax's zarr3-in-OCDBT layout, cast on read) straight into a page-aligned host buffer,
-    which the device then adopts (on CPU without a copy: loading costs one pass over the bytes)."""
+def _read_host(path: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, np.ndarray]:
+    """TensorStore reads each stored array (Orbax's zarr3-in-OCDBT layout, cast on read) straight
+    into a page-aligned host buffer."""
     context = ts.Context()
     state = f"{path.as_uri()}/{_STATE}/"
     stores = {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": state, "path": name}},
@@ -377,8 +456,13 @@ def _read_single_device(path: Path, expected: dict[str, jax.ShapeDtypeStruct]) -
             store = ts.cast(store, np.dtype(want.dtype))
         out = _aligned_empty(tuple(want.shape), np.dtype(want.dtype))
         pending[name] = (out, ts.array(out, copy=False, write=True).write(store))
-    params = {}
-    for name, (out, written) in pending.items():
+    for out, written in pending.values():
         written.result()
-        params[name] = jax.device_put(out, expected[name].sharding, may_alias=True)
-    return params
+    return {name: out for name, (out, _) in pending.items()}
+
+
+def _read_single_device(path: Path, expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Restore onto one device without Orbax's intermediate copies: host buffers (_read_host) that
+    the device then adopts (on CPU without a copy: loading costs one pass over the bytes)."""
+    host = _read_host(path, expected)
+    return {name: jax.device_put(out, expected[name].sharding, may_alias=True) for name, out in host.items()}

@@ -29,11 +29,18 @@ class _Parser(argparse.ArgumentParser):
 def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+    _add_quantize(p, "int8 weights: quantize a float checkpoint while loading (an int8 checkpoint is int8 already)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--quantize", choices=["int8"], help=what)
+    p.add_argument("--int8-mode", choices=["dynamic", "weight-only"],
+                   help="the int8 product: int8 activations (default on CPU) or weight-only (default on GPU/TPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", help="float32 or bfloat16 (default: keep the dtype on disk)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR (only once the new one is complete)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="store weights as int8 with a scale per output channel (norms stay --dtype)")
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
     _add_sampling(p, 64)
@@ -74,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sliding-window", type=int, help="override the preset's sliding window")
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="report the best of this many decode runs (default 3)")
+    _add_quantize(p, "benchmark int8 weights (random ones quantized, or a float --ckpt quantized while loading)")
+    p.add_argument("--vs-float", action="store_true", help="with --quantize: also gemma_jax with float weights")
     p.add_argument("--vs-hf", action="store_true", help="also run HF transformers on identical weights")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="draw decode tokens/s against batch size to this PNG")
@@ -106,7 +117,7 @@ def _convert(args) -> None:
     from gemma_jax.convert import convert, tqdm_progress
     start = time.perf_counter()
     out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
-                  progress=tqdm_progress("converting"))
+                  progress=tqdm_progress("converting"), quantize=args.quantize)
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
@@ -129,7 +140,8 @@ def _load(args):
     start = time.perf_counter()
     if sys.stderr.isatty():
         print(f"loading {ckpt} ...", end="", file=sys.stderr, flush=True)
-    model = load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh)
+    model = load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh,
+                 quantize=args.quantize, int8_mode=args.int8_mode)
     if sys.stderr.isatty():
         print(f" done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model
@@ -198,10 +210,13 @@ def _bench(args) -> None:
         raise GenerationError("--batch, --prompt-len and --repeats must be >= 1 and --gen-len >= 2")
     spec = bench.BenchSpec(preset=args.preset, ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype,
                            batch_sizes=batches, prompt_lens=prompt_lens, gen_len=args.gen_len,
-                           sliding_window=args.sliding_window, repeats=args.repeats)
+                           sliding_window=args.sliding_window, repeats=args.repeats, quantize=args.quantize,
+                           int8_mode=args.int8_mode)
     if args.vs_hf and args.ckpt and not args.hf_dir:
         raise GenerationError("--vs-hf with --ckpt needs --hf-dir (the HF directory it was converted from)")
-    result = bench.run(spec, vs_hf=args.vs_hf, progress=sys.stderr.isatty())
+    if args.vs_float and not args.quantize:
+        raise GenerationError("--vs-float compares int8 with float weights: it needs --quantize int8")
+    result = bench.run(spec, vs_hf=args.vs_hf, progress=sys.stderr.isatty(), vs_float=args.vs_float)
     print(bench.format_report(result))
     if args.json:
         import json

@@ -13,9 +13,10 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from gemma_jax import checkpoint
+from gemma_jax import checkpoint, quant
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import CheckpointError, ConfigError, GemmaWarning
+from gemma_jax.model import weight_in_axis
 from gemma_jax.safetensors_io import TensorEntry, read_header, unique_keys
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -195,9 +196,22 @@ def _assign(dst: np.ndarray, src: np.ndarray) -> None:
     dst[...] = src
 
 
-def build_param(how: str, sources: list[TensorEntry | np.ndarray], dtype: np.dtype) -> np.ndarray:
-    """Our param from its HF tensors (on disk or in memory), built block by block."""
+def build_param(how: str, sources: list[TensorEntry | np.ndarray], dtype: np.dtype, quantize: bool = False):
+    """Our param from its HF tensors (on disk or in memory), built block by block.
+
+    quantize: an int8 weight instead, as (values, scale), values in HF's own [out, in] layout
+    (gate and up stacked: [2, F, D]) whatever `how` says (see quant.py), scale [out..., 1]. Each
+    HF row is one output channel, so every block is quantized on its own (quant.quantize_rows) and
+    no float copy of the whole tensor is ever made.
+    """
     first = sources[0]
+    if quantize:
+        values = np.empty((len(sources), *first.shape), np.int8)
+        scale = np.empty((len(sources), first.shape[0], 1), np.float32)
+        for k, source in enumerate(sources):
+            for start, block in _blocks(source):
+                values[k, start:start + len(block)], scale[k, start:start + len(block), 0] = quant.quantize_rows(block)
+        return (values[0], scale[0]) if len(sources) == 1 else (values, scale)
     if how == "copy":
         out = np.empty(first.shape, dtype)
         for start, block in _blocks(first):
@@ -219,14 +233,18 @@ def _same_tensor(a: TensorEntry, b: TensorEntry) -> bool:
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
-            progress: Callable | None = None) -> Path:
+            progress: Callable | None = None, quantize: str | None = None) -> Path:
     """Convert a HF Gemma 2 directory into a self-contained gemma_jax checkpoint at out_dir.
 
-    dtype: "float32" or "bfloat16"; None keeps the dtype on disk. `progress(iterable, total)`
-    wraps the tensor loop (a progress bar). The output appears only when complete.
+    dtype: "float32" or "bfloat16"; None keeps the dtype on disk. quantize="int8" stores every
+    weight matrix as int8 with a float32 scale per output channel (the tied embedding per
+    vocabulary entry); the norms stay in dtype. `progress(iterable, total)` wraps the tensor loop
+    (a progress bar). The output appears only when complete.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_dtype(dtype)
+    if quantize not in (None, *quant.METHODS):
+        raise CheckpointError(f"quantize {quantize!r} is not supported (choose {', '.join(quant.METHODS)})")
     checkpoint.check_output_dir(out_dir, force)  # fail fast, before reading any weights
     config = read_hf_config(hf_dir)
     entries = tensor_entries(hf_dir)
@@ -239,12 +257,14 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
         for name in checkpoint.TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
-        checkpoint.save(tmp, config, _one_ahead(_param_groups(items, entries, np_dtype)), dtype)  # config last
+        groups = _one_ahead(_param_groups(items, entries, np_dtype, quantize is not None))
+        checkpoint.save(tmp, config, groups, dtype, quantization=quantize)  # config last
     return out_dir
 
 
-def _param_groups(items, entries, np_dtype):
-    """Converted params one layer (or top-level tensor) at a time: only one group is in memory."""
+def _param_groups(items, entries, np_dtype, quantize: bool = False):
+    """Converted params one layer (or top-level tensor) at a time: only one group is in memory.
+    With quantize, each weight matrix is two arrays, NAME/values and NAME/scale."""
     group, key = {}, None
     for ours, (theirs, how) in items:
         k = "/".join(ours.split("/")[:2]) if ours.startswith("blocks/") else ours
@@ -252,7 +272,11 @@ def _param_groups(items, entries, np_dtype):
             yield group
             group = {}
         key = k
-        group[ours] = build_param(how, [entries[t] for t in theirs], np_dtype)
+        sources = [entries[t] for t in theirs]
+        if quantize and weight_in_axis(ours) is not None:
+            group[f"{ours}/values"], group[f"{ours}/scale"] = build_param(how, sources, np_dtype, quantize=True)
+        else:
+            group[ours] = build_param(how, sources, np_dtype)
     if group:
         yield group
 

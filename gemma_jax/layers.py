@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma_jax.quant import dense, lookup
+
 
 class RMSNorm(nnx.Module):
     """y = x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32 and cast back (zero-centred w)."""
@@ -25,7 +27,8 @@ class RMSNorm(nnx.Module):
 class Embedder(nnx.Module):
     """Token embedding stored [D, V], scaled by sqrt(D) on the way in and reused (unscaled) as the
     unembedding. [D, V] makes the batch-1 logits a plain row-major `x @ E` (the lookup of a few
-    columns per step costs nothing by comparison)."""
+    columns per step costs nothing by comparison). As an int8 QArray (stored [V, D], see quant.py)
+    it has one scale per vocabulary entry, used by both the lookup and the logits."""
 
     def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         init = nnx.initializers.normal(0.02)
@@ -35,11 +38,11 @@ class Embedder(nnx.Module):
         """[B, T] ids -> [B, T, D]; the scale is rounded to the compute dtype first, as HF does."""
         table = self.embedding[...]
         scale = jnp.asarray(math.sqrt(table.shape[0]), dtype)
-        return jnp.moveaxis(jnp.take(table, tokens, axis=1), 0, -1).astype(dtype) * scale
+        return lookup(table, tokens, in_axis=0, dtype=dtype) * scale
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] logits in float32."""
-        return jnp.matmul(x, self.embedding[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return dense(x, self.embedding[...], out_dtype=jnp.float32)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

@@ -4,6 +4,8 @@ Shapes: B batch, T query length, S key length, D model, N query heads, K kv head
 H head dim, F ffn hidden, V vocab. Weights are 2-D, laid out for the fastest batch-1 product on
 XLA:CPU: [in, out] (`x @ W`) where the output is wide (q, k, v, gate/up), [out, in] (contracting
 the weight's last axis, HF's own layout) where it is narrow (o, down). See docs/performance.md.
+Every weight product goes through quant.dense, so a weight may also be an int8 QArray (same
+layout, a float32 scale per output channel; docs/quantization.md): one forward for every dtype.
 
 Hook sites: every activation passes through `hook(name, value) -> value` when a hook is given
 (TransformerLens names, see hooks.py); with hook=None the program is exactly the plain forward.
@@ -21,8 +23,20 @@ from gemma_jax import cache as kv
 from gemma_jax.attention import attend
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
+from gemma_jax import quant
+from gemma_jax.quant import dense
 
 Hook = Callable[[str, jax.Array], jax.Array]
+
+# The axis each weight contracts over (its input axis): 0 for [in, out], 1 for [out, in]. Weights
+# absent here (the norms) are vectors and are never quantized. Keys are param names below a block.
+IN_AXIS = {"embedder/embedding": 0, "attn/q": 0, "attn/k": 0, "attn/v": 0, "attn/o": 1,
+           "mlp/gate_up": 0, "mlp/down": 1}
+
+
+def weight_in_axis(name: str) -> int | None:
+    """Input axis of a flat param name ("blocks/3/attn/o" -> 1), None for a norm."""
+    return IN_AXIS.get(name.split("/", 2)[-1] if name.startswith("blocks/") else name)
 
 
 def _site(hook: Hook | None, name: str, value: jax.Array) -> jax.Array:
@@ -51,9 +65,9 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, layer_cache: kv.LayerKV | None, end, attend_cache: bool, hook=None):
         b, t, _ = x.shape
         dt = x.dtype
-        q = (x @ self.q[...].astype(dt)).reshape(b, t, self.num_heads, self.head_dim)
-        k = (x @ self.k[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = (x @ self.v[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = dense(x, self.q[...]).reshape(b, t, self.num_heads, self.head_dim)
+        k = dense(x, self.k[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = dense(x, self.v[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
         q = _site(hook, f"{self.name}.hook_q", rope(q, positions, self.rope_theta))
         k = _site(hook, f"{self.name}.hook_k", rope(k, positions, self.rope_theta))
         v = _site(hook, f"{self.name}.hook_v", v)
@@ -75,7 +89,7 @@ class Attention(nnx.Module):
         z = attend(q, keys, values, positions, key_pos, scale=self.scale, softcap=self.softcap,
                    window=self.window, hook=hook, name=self.name)
         z = _site(hook, f"{self.name}.hook_z", z.reshape(b, t, -1))
-        out = jnp.einsum("BTI,DI->BTD", z, self.o[...].astype(dt))
+        out = dense(z, self.o[...], in_axis=1)
 
         return out, new_cache
 
@@ -91,13 +105,11 @@ class MLP(nnx.Module):
         self.name = f"blocks.{layer}.mlp"
 
     def __call__(self, x, hook=None):
-        dt = x.dtype
-        w = self.gate_up[...]
-        gate_up = (x @ w.reshape(w.shape[0], -1).astype(dt)).reshape(*x.shape[:-1], 2, w.shape[-1])
+        gate_up = dense(x, self.gate_up[...])  # [B, T, 2, F]
         gate = _site(hook, f"{self.name}.hook_pre", gate_up[..., 0, :])
         up = _site(hook, f"{self.name}.hook_pre_linear", gate_up[..., 1, :])
         hidden = _site(hook, f"{self.name}.hook_post", jax.nn.gelu(gate, approximate=True) * up)
-        return jnp.einsum("BTF,DF->BTD", hidden, self.down[...].astype(dt))
+        return dense(hidden, self.down[...], in_axis=1)
 
 
 class Block(nnx.Module):
@@ -161,9 +173,19 @@ class Transformer(nnx.Module):
         return _site(hook, "hook_logits", softcap(self.embedder.decode(hidden), self.config.final_logit_softcapping))
 
 
-def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32) -> Transformer:
-    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
+def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32,
+                   int8_mode: str | None = None) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: no memory is allocated. With int8_mode ("dynamic"
+    or "weight-only"), every weight matrix is an int8 QArray computed that way (norms stay in
+    param_dtype)."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
+    if int8_mode is None:
+        return model
+    for path, param in nnx.iter_graph(model):
+        axis = weight_in_axis("/".join(map(str, path)))
+        if isinstance(param, nnx.Param) and axis is not None:
+            param.set_value(quant.abstract(param.get_value(), axis, int8_mode))
+    return model
 
 
 def param_count(config: GemmaConfig) -> int:

@@ -39,7 +39,18 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 def param_spec(name: str, config: GemmaConfig, mesh: Mesh, fsdp_params: bool = True) -> P:
-    """PartitionSpec of one parameter (flat name as in checkpoint.flatten)."""
+    """PartitionSpec of one parameter (flat name as in checkpoint.flatten). An int8 weight's
+    NAME/values ([out..., in], see quant.py) shard as the float NAME with its input axis moved
+    last; NAME/scale ([out..., 1]) likewise with the last axis replicated: each device holds the
+    scales of the output channels it holds."""
+    base, _, part = name.rpartition("/")
+    if part in ("values", "scale"):
+        from gemma_jax.model import weight_in_axis
+        axis = weight_in_axis(base)
+        spec = list(param_spec(base, config, mesh, fsdp_params))
+        spec += [None] * (axis + 1 - len(spec))
+        moved = spec[:axis] + spec[axis + 1:] + [spec[axis] if part == "values" else None]
+        return P(*moved)
     tp = mesh.shape["tp"]
     fsdp = "fsdp" if fsdp_params and config.hidden_size % mesh.shape["fsdp"] == 0 else None
     heads = "tp" if config.num_attention_heads % tp == 0 else None
@@ -68,17 +79,19 @@ def cache_sharding(config: GemmaConfig, mesh: Mesh, batch: int) -> NamedSharding
 
 
 def bytes_per_device(config: GemmaConfig, mesh_shape: tuple[int, int], dtype=np.float32,
-                     fsdp_params: bool = True) -> int:
-    """Parameter bytes held by the busiest device under a mesh shape (computed with eval_shape)."""
+                     fsdp_params: bool = True, int8: bool = False) -> int:
+    """Parameter bytes held by the busiest device under a mesh shape (computed with eval_shape).
+    int8: weights as int8 values + float32 scales (the norms in dtype)."""
     from gemma_jax import checkpoint
     from gemma_jax.model import abstract_model
-    shapes = checkpoint.param_shapes(abstract_model(config))
+    shapes = checkpoint.param_shapes(abstract_model(config, int8_mode="dynamic" if int8 else None))
     mesh = jax.sharding.AbstractMesh(mesh_shape, AXES)
     total = 0
     for name, shape in shapes.items():
         spec = param_spec(name, config, mesh, fsdp_params)
         parts = math.prod(mesh.shape[a] for a in spec if a is not None)
-        total += math.prod(shape.shape) * np.dtype(dtype).itemsize // parts
+        itemsize = np.dtype(dtype if shape.dtype == np.float32 and not name.endswith("/scale") else shape.dtype).itemsize
+        total += math.prod(shape.shape) * itemsize // parts
     return total
 
 

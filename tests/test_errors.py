@@ -581,6 +581,13 @@ def _marker_intact(t):
     assert leftovers(t.tmp) == ["out"]
 
 
+@case("out", "quantize with an unknown method (convert)", CheckpointError, "quantize 'int4' is not supported",
+      "choose int8")
+def convert_quantize_int4(t):
+    t.hf()
+    t.convert(quantize="int4")
+
+
 @case("out", "OUT_DIR exists (no --force)", CheckpointError, "OUT_DIR: already exists", "--force",
       after=_marker_intact)
 def out_exists(t):
@@ -848,6 +855,29 @@ def load_bad_tokenizer(t):
 def load_dtype_float16(t):
     t.ckpt()
     t.load(dtype="float16")
+
+
+@case("load", "quantize asked for with an unknown method", GenerationError, "quantize 'int4' is not supported")
+def load_quantize_int4(t):
+    t.ckpt()
+    t.load(quantize="int4")
+
+
+@case("load", "int8_mode asked for on float weights", GenerationError, "int8_mode 'dynamic'",
+      "for int8 weights (an int8 checkpoint or quantize='int8')")
+def load_int8_mode_float(t):
+    t.ckpt()
+    t.load(int8_mode="dynamic")
+
+
+@case("load", "gemma_config.json of an int8 format without its quantization", CheckpointError,
+      "CKPT/gemma_config.json: corrupt checkpoint metadata (format 4 with quantization None)")
+def load_meta_quant_format(t):
+    path = t.ckpt() / "gemma_config.json"
+    meta = json.loads(path.read_text())
+    meta["format"] = 4
+    path.write_text(json.dumps(meta))
+    t.load()
 
 
 # ---------------------------------------------------------------- generating

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,7 +52,9 @@ def runs(tmp_path_factory):
              for pid in (0, 1)]
     for p in procs:
         _wait(p)
-    return {name: json.loads((root / f"{name}.json").read_text()) for name in ("one", "eight", "multi")}
+    out = {name: json.loads((root / f"{name}.json").read_text()) for name in ("one", "eight", "multi")}
+    out["root"] = root
+    return out
 
 
 @pytest.mark.parametrize("run,mesh", [("eight", "8x1"), ("eight", "1x8"), ("eight", "2x4"),
@@ -76,8 +79,41 @@ def test_each_device_holds_its_share(runs):
         assert single / parts <= max(held) <= single / parts * 1.1, (mesh, held)
 
 
+@pytest.fixture(scope="module")
+def int8_runs(runs, tmp_path_factory):
+    """The same model in int8 on one device (this process) and on 8 virtual devices, loaded both
+    from an int8 checkpoint and by quantizing the float one while loading."""
+    root = runs["root"]
+    gemma_jax.convert(root / "hf", root / "int8", quantize="int8")
+    proc = _run([root / "ckpt", root / "int8.json", "--int8", root / "int8"], devices=8)
+    _wait(proc)
+    single = gemma_jax.load(root / "int8")
+    ids = np.random.default_rng(0).integers(3, 128, (2, 19))
+    prompts = [ids[0, :7].tolist(), ids[1, :3].tolist()]
+    one = {"logits": single.logits(ids), "greedy": single.generate_ids(prompts, 16, stop_ids=[]),
+           "bytes": sum(x.nbytes for x in jax.tree.leaves(single.state))}
+    return one, json.loads((root / "int8.json").read_text())
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "1x8", "2x4"])
+@pytest.mark.parametrize("how", ["int8", "requantized"])
+def test_int8_mesh_matches_single_device(int8_runs, mesh, how, report):
+    """Scales are sharded with their weights (each device holds the scales of its output
+    channels): the same logits and greedy tokens as one device, and 1/8 of the bytes each."""
+    one, eight = int8_runs
+    got = eight[f"{mesh} {how}"]
+    diff = float(np.abs(np.asarray(got["logits"]) - one["logits"]).max())
+    report(f"sharding int8 ({how}) mesh {mesh} max|dlogit| vs one device", diff)
+    assert diff <= 1e-4
+    assert got["greedy"] == one["greedy"]
+    assert one["bytes"] / 8 <= max(got["bytes_per_device"]) <= one["bytes"] / 8 * 1.15, got["bytes_per_device"]
+
+
 def test_per_device_bytes_of_presets():
     full = sharding.bytes_per_device(PRESETS["27b"](), (1, 1), np.float32)
     assert full == 27_227_128_320 * 4
     tp8 = sharding.bytes_per_device(PRESETS["27b"](), (1, 8), np.float32)
     assert full / 8 <= tp8 < full / 8 * 1.01
+    int8 = sharding.bytes_per_device(PRESETS["27b"](), (1, 1), np.float32, int8=True)
+    assert 27_227_128_320 <= int8 < 27_227_128_320 * 1.01  # one byte a weight, scales and norms besides
+    assert int8 / 8 <= sharding.bytes_per_device(PRESETS["27b"](), (1, 8), np.float32, int8=True) < int8 / 8 * 1.01
