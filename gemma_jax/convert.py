@@ -258,7 +258,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
         groups = _one_ahead(_param_groups(items, entries, np_dtype, quantize is not None))
-        checkpoint.save(tmp, config, groups, dtype, quantization=quantize)  # config last
+        checkpoint.save(tmp, config, groups, dtype, quantize)  # config last
     return out_dir
 
 

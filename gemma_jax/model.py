@@ -4,8 +4,9 @@ Shapes: B batch, T query length, S key length, D model, N query heads, K kv head
 H head dim, F ffn hidden, V vocab. Weights are 2-D, laid out for the fastest batch-1 product on
 XLA:CPU: [in, out] (`x @ W`) where the output is wide (q, k, v, gate/up), [out, in] (contracting
 the weight's last axis, HF's own layout) where it is narrow (o, down). See docs/performance.md.
-Every weight product goes through quant.dense, so a weight may also be an int8 QArray (same
-layout, a float32 scale per output channel; docs/quantization.md): one forward for every dtype.
+Every weight product goes through quant.dense, so a weight may also be an int8 QArray standing
+for the float one (stored [out..., in] with a float32 scale per output channel, the layout
+XLA:CPU's int8 product wants; docs/quantization.md): one forward pass for every dtype.
 
 Hook sites: every activation passes through `hook(name, value) -> value` when a hook is given
 (TransformerLens names, see hooks.py); with hook=None the program is exactly the plain forward.
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma_jax import cache as kv
+from gemma_jax import quant
 from gemma_jax.attention import attend
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
-from gemma_jax import quant
 from gemma_jax.quant import dense
 
 Hook = Callable[[str, jax.Array], jax.Array]

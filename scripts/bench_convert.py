@@ -2,6 +2,10 @@
 synthetic weights), against a plain copy and a raw read of the same bytes in the same run.
 
     python scripts/bench_convert.py [--preset 2b] [--dir /tmp/gemma_jax_bench_convert] [--json FILE]
+                                    [--quantize int8] [--keep]
+
+--quantize int8 converts to an int8 checkpoint (and reports its size on disk); --keep leaves the
+HF files and the checkpoint in --dir (e.g. for `gemma-jax bench --ckpt DIR/ckpt` afterwards).
 
 Conversion and loading each run in a fresh process; their peak resident memory is that process's
 high-water mark (VmHWM; file pages mapped while reading count too). Linux only.
@@ -58,16 +62,17 @@ def make_checkpoint(out: Path, preset: str, seed: int = 0) -> None:
     (out / "config.json").write_text(json.dumps(hf))
 
 
-def timed_child(setup: str, work: str) -> tuple[float, float]:
-    """(seconds of `work` alone, peak RSS GiB of the process) in a fresh Python process.
+def timed_child(setup: str, work: str) -> tuple[float, float, float]:
+    """(seconds of `work` alone, peak RSS GiB, RSS GiB at the end) of a fresh Python process.
 
     The peak is the child's own VmHWM: a forked child's ru_maxrss also counts the parent's memory
     at the fork (Linux keeps the pre-exec high-water mark), which here holds the synthetic weights."""
     code = (f"{setup}\nimport time\nt = time.perf_counter()\n{work}\nprint(time.perf_counter() - t)\n"
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip().splitlines()
-    return float(out[-2]), int(out[-1]) / 2**20
+    return float(out[-3]), int(out[-2]) / 2**20, int(out[-1]) / 2**20
 
 
 def read_all(directory: Path) -> float:
@@ -85,36 +90,47 @@ def main() -> None:
     parser.add_argument("--preset", default="2b")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gemma_jax_bench_convert"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quantize", choices=["int8"])
+    parser.add_argument("--keep", action="store_true", help="keep the HF files and the checkpoint")
+    parser.add_argument("--no-copy", action="store_true", help="skip the plain-copy reference (saves disk space)")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     hf, copy, ckpt = args.dir / "hf", args.dir / "copy", args.dir / "ckpt"
     start = time.perf_counter()
     make_checkpoint(hf, args.preset)
     size = sum(p.stat().st_size for p in hf.iterdir())
+    from gemma_jax import cpuinfo
+    print(cpuinfo.describe())
     print(f"synthetic {args.preset} bf16 checkpoint: {size / 1e9:.2f} GB in 2 shards "
           f"({time.perf_counter() - start:.0f}s to write)", flush=True)
     read_all(hf)  # the same warm page cache for the copy and the conversion
-    copy.mkdir()
-    start = time.perf_counter()
-    for p in hf.glob("*.safetensors"):
-        shutil.copyfile(p, copy / p.name)
-    os.sync()
-    copy_s = time.perf_counter() - start
-    shutil.rmtree(copy)
-    convert_s, convert_gib = timed_child("import os, gemma_jax",
-                                         f"gemma_jax.convert({str(hf)!r}, {str(ckpt)!r}); os.sync()")
+    copy_s = float("nan")
+    if not args.no_copy:
+        copy.mkdir()
+        start = time.perf_counter()
+        for p in hf.glob("*.safetensors"):
+            shutil.copyfile(p, copy / p.name)
+        os.sync()
+        copy_s = time.perf_counter() - start
+        shutil.rmtree(copy)
+    convert_s, convert_gib, _ = timed_child("import os, gemma_jax", f"gemma_jax.convert({str(hf)!r}, {str(ckpt)!r}, "
+                                         f"quantize={args.quantize!r}); os.sync()")
+    ckpt_bytes = sum(p.stat().st_size for p in (ckpt / "params").rglob("*") if p.is_file())
     read_s = read_all(ckpt / "params")
-    load_s, load_gib = timed_child("import jax, gemma_jax",
+    load_s, load_gib, loaded_gib = timed_child("import jax, gemma_jax",
                                    f"m = gemma_jax.load({str(ckpt)!r}); jax.block_until_ready(m.state)")
     figures = {"bytes": size, "copy_s": copy_s, "convert_s": convert_s, "convert_peak_rss_GiB": convert_gib,
                "convert_vs_copy": convert_s / copy_s, "raw_read_s": read_s, "load_s": load_s,
-               "load_peak_rss_GiB": load_gib, "load_vs_read": load_s / read_s}
+               "load_peak_rss_GiB": load_gib, "loaded_rss_GiB": loaded_gib, "load_vs_read": load_s / read_s, "quantize": args.quantize,
+               "checkpoint_bytes": ckpt_bytes}
     print(f"plain copy {copy_s:.1f}s; convert {convert_s:.1f}s ({figures['convert_vs_copy']:.2f}x the copy), "
           f"peak RSS {convert_gib:.2f} GiB\nraw read of the checkpoint {read_s:.1f}s; load {load_s:.1f}s "
-          f"({figures['load_vs_read']:.2f}x the read), peak RSS {load_gib:.2f} GiB")
+          f"({figures['load_vs_read']:.2f}x the read), peak RSS {load_gib:.2f} GiB, {loaded_gib:.2f} GiB once loaded\n"
+          f"checkpoint params on disk: {ckpt_bytes / 1e9:.2f} GB ({args.quantize or 'float'})")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
-    shutil.rmtree(args.dir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
