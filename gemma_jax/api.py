@@ -15,7 +15,8 @@ from gemma_jax import checkpoint, sampler
 from gemma_jax import hooks as hooks_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import GenerationError, TokenizerError
-from gemma_jax.model import Transformer, abstract_model
+from gemma_jax.attention import AttentionConfig, attention_config
+from gemma_jax.model import Transformer, abstract_model, set_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -66,6 +67,17 @@ class Gemma:
     @property
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def attention(self) -> AttentionConfig:
+        return self.model.blocks[0].attn.attention
+
+    def with_attention(self, attention: str | AttentionConfig) -> Gemma:
+        """The same weights (shared, not copied) computing attention another way: 'auto', 'xla',
+        'blockwise', 'splash' or an AttentionConfig (see gemma_jax.attention)."""
+        model = self.model
+        set_attention(model, attention_config(attention))
+        return Gemma(model, self.tokenizer, self.mesh)
 
     def check_tokens(self, tokens: np.ndarray) -> None:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
@@ -237,19 +249,22 @@ class TextStream:
         return piece
 
 
-def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Gemma:
+def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+         attention: str | AttentionConfig | None = None) -> Gemma:
     """Load a converted checkpoint. dtype: 'float32' | 'bfloat16' | None (the stored dtype).
+    attention: 'auto' (default) | 'xla' | 'blockwise' | 'splash' | an AttentionConfig.
 
     With a mesh (see sharding.make_mesh) the params are restored straight into sharded arrays:
     each process reads only the shards its devices hold.
     """
     ckpt_dir = Path(ckpt_dir)
+    attention = attention_config(attention)
     config, stored = checkpoint.read_meta(ckpt_dir)
     dtype = dtype or stored
     if dtype not in DTYPES:
         raise GenerationError(f"dtype {dtype!r} is not supported (float32 or bfloat16)")
     jdtype = DTYPES[dtype]
-    abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype)
+    abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype, attention=attention)
     shapes = checkpoint.param_shapes(abstract)
     if mesh is None:
         shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma_jax import cache as kv
-from gemma_jax.attention import attend
+from gemma_jax.attention import AttentionConfig, attend, attention_config
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
 
@@ -34,7 +34,8 @@ def _dense(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 attention: AttentionConfig | None = None):
         d, n, k, h = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
         self.q = _dense(rngs, (d, n * h), param_dtype)
@@ -47,6 +48,7 @@ class Attention(nnx.Module):
         self.rope_theta = config.rope_theta
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.name = f"blocks.{layer}.attn"
+        self.attention = attention_config(attention)  # which implementation (static)
 
     def __call__(self, x, positions, layer_cache: kv.LayerKV | None, end, attend_cache: bool, hook=None):
         b, t, _ = x.shape
@@ -73,7 +75,7 @@ class Attention(nnx.Module):
                 key_pos = jnp.concatenate([kv.slot_positions(end, slots), positions], axis=1)
 
         z = attend(q, keys, values, positions, key_pos, scale=self.scale, softcap=self.softcap,
-                   window=self.window, hook=hook, name=self.name)
+                   window=self.window, hook=hook, name=self.name, config=self.attention)
         z = _site(hook, f"{self.name}.hook_z", z.reshape(b, t, -1))
         out = jnp.einsum("BTI,DI->BTD", z, self.o[...].astype(dt))
 
@@ -103,10 +105,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """norm -> attention -> norm -> residual; norm -> MLP -> norm -> residual."""
 
-    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 attention: AttentionConfig | None = None):
         d, eps = config.hidden_size, config.rms_norm_eps
         self.pre_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
-        self.attn = Attention(config, layer, rngs=rngs, param_dtype=param_dtype)
+        self.attn = Attention(config, layer, rngs=rngs, param_dtype=param_dtype, attention=attention)
         self.post_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
         self.pre_ffw_norm = RMSNorm(d, eps, param_dtype=param_dtype)
         self.mlp = MLP(config, layer, rngs=rngs, param_dtype=param_dtype)
@@ -126,13 +129,15 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Gemma 2 decoder. `dtype` is the compute dtype; parameters are kept in `param_dtype`."""
+    """Gemma 2 decoder. `dtype` is the compute dtype; parameters are kept in `param_dtype`;
+    `attention` says how attention is computed (attention.AttentionConfig)."""
 
-    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
+                 attention: AttentionConfig | None = None):
         self.config = config
         self.dtype = dtype
         self.embedder = Embedder(config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=param_dtype)
-        self.blocks = nnx.List([Block(config, i, rngs=rngs, param_dtype=param_dtype)
+        self.blocks = nnx.List([Block(config, i, rngs=rngs, param_dtype=param_dtype, attention=attention)
                                 for i in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
@@ -161,9 +166,17 @@ class Transformer(nnx.Module):
         return _site(hook, "hook_logits", softcap(self.embedder.decode(hidden), self.config.final_logit_softcapping))
 
 
-def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32) -> Transformer:
+def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32,
+                   attention: AttentionConfig | None = None) -> Transformer:
     """The model with ShapeDtypeStruct leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype,
+                                              attention=attention))
+
+
+def set_attention(model: Transformer, attention: AttentionConfig) -> None:
+    """Use `attention` in every layer of `model` (in place; split the model again afterwards)."""
+    for block in model.blocks:
+        block.attn.attention = attention
 
 
 def param_count(config: GemmaConfig) -> int:
