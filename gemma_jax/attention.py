@@ -13,7 +13,7 @@ Implementations (`AttentionConfig.impl`):
                  is skipped, not masked. Memory O(T x block) per layer. Any backend.
     "splash"     jax's Pallas TPU splash attention (soft-cap and a local mask in the kernel) for
                  self-attention over one chunk; see attention_tpu.py. TPU only (or interpret mode).
-    "auto"       "xla" for queries shorter than `blockwise_from` (decode, short prompts), else
+    "auto"       "xla" for queries shorter than `blockwise_from` (512: decode, short prompts), else
                  "blockwise". The threshold comes from measurements, see docs/performance.md.
 A hook that may touch `hook_attn_scores` / `hook_pattern` always gets the dense path, whatever
 the choice: those sites never disappear.
@@ -45,9 +45,9 @@ class AttentionConfig:
     """
 
     impl: str = "auto"
-    blockwise_from: int = 1024
-    block_q: int = 512
-    block_kv: int = 512
+    blockwise_from: int = 512
+    block_q: int = 256
+    block_kv: int = 256
     splash_block: int = 512
     interpret: bool = False
 
@@ -182,7 +182,7 @@ def _pad_to(x: jax.Array, axis: int, size: int, value) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def blockwise(q, k, v, q_pos, k_pos, *, scale, softcap, window, block_q: int = 512, block_kv: int = 512):
+def blockwise(q, k, v, q_pos, k_pos, *, scale, softcap, window, block_q: int = 256, block_kv: int = 256):
     """Online-softmax attention over key blocks (float32 statistics), query blocks one at a time.
 
     A key block is visited only if some query of the block may see some key of it (by position:

@@ -6,6 +6,7 @@ against T for each attention implementation.
     python scripts/bench_longctx.py run --side jax --length 8192 [--json FILE]
     python scripts/bench_longctx.py run --side hf --length 8192 [--json FILE]
     python scripts/bench_longctx.py temp --lengths 512,1024,2048,4096,8192 [--json FILE]
+    python scripts/bench_longctx.py attn --lengths 256,512,1024,2048,4096,8192 --blocks 256,512,1024
     python scripts/bench_longctx.py plot FILE... --out docs/longctx_memory.png
 
 `run` measures one length per process: the model is built, the programs are compiled ahead of
@@ -52,7 +53,7 @@ def _cpu() -> str:
     return "unknown"
 
 
-def run_jax(length: int, attention: str | None) -> dict:
+def run_jax(length: int, attention: str | None, once: bool = False) -> dict:
     import jax
     cache_dir = tempfile.mkdtemp(prefix="longctx-xla-")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -71,19 +72,17 @@ def run_jax(length: int, attention: str | None) -> dict:
     n = min(length, model.config.max_position_embeddings - 1)
     prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, n).tolist()
     out["prompt_tokens"] = n
-    # First call compiles (into the persistent cache of this process); the timed call reuses it.
-    # Compile with a prompt of the same length bucket: the same programs.
-    start = time.perf_counter()
-    model.generate_ids([prompt], 1, stop_ids=[])
-    out["first_call_s"] = time.perf_counter() - start
+    # The first call compiles; the second, timed with its own memory peak, reuses the programs.
+    # once: a single call (compilation included in its time and peak).
     import gc
-    gc.collect()
-    out["rss_before_GiB"] = _status("VmRSS") / 2**30
-    _reset_peak()
-    start = time.perf_counter()
-    model.generate_ids([prompt], 1, stop_ids=[])
-    out["prefill_s"] = time.perf_counter() - start
-    out["peak_rss_GiB"] = _status("VmHWM") / 2**30
+    for key in (("once_s",) if once else ("first_call_s", "prefill_s")):
+        gc.collect()
+        out["rss_before_GiB"] = _status("VmRSS") / 2**30
+        _reset_peak()
+        start = time.perf_counter()
+        model.generate_ids([prompt], 1, stop_ids=[])
+        out[key] = time.perf_counter() - start
+        out["peak_rss_GiB"] = _status("VmHWM") / 2**30
     from gemma_jax import cache as kv
     from gemma_jax import sampler
     cache_len = sampler.bucket(n + 1, 32)
@@ -148,6 +147,38 @@ def temp_memory(lengths: list[int], impls: list[str]) -> list[dict]:
     return rows
 
 
+def attention_times(lengths: list[int], blocks: list[int], repeats: int = 3, dense_up_to: int = 4096) -> list[dict]:
+    """Seconds for one layer's attention on the 2B shape (N 8, K 4, H 256, batch 1, float32), a
+    global and a sliding (W 4096) layer: dense against blockwise with square blocks of each size."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma_jax import attention as att
+    rows = []
+    for t in lengths:
+        r = np.random.default_rng(0)
+        q = jnp.asarray(r.standard_normal((1, t, 8, 256)), jnp.float32)
+        k = jnp.asarray(r.standard_normal((1, t, 4, 256)), jnp.float32)
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        variants = [("xla", att.dense, {})] if t <= dense_up_to else []
+        variants += [(f"blockwise {b}", att.blockwise, dict(block_q=b, block_kv=b)) for b in blocks]
+        for window in (None, 4096):
+            for name, fn, kw in variants:
+                f = jax.jit(lambda q, k, v, p, fn=fn, kw=kw: fn(q, k, v, p, p, scale=1 / 16, softcap=50.0,
+                                                                window=window, **kw))
+                f(q, k, k, pos).block_until_ready()
+                best = min(_timed(lambda: f(q, k, k, pos).block_until_ready()) for _ in range(repeats))
+                rows.append({"length": t, "window": window, "impl": name, "seconds": best})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def plot(files: list[str], out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -177,10 +208,15 @@ def main() -> None:
     p.add_argument("--length", type=int, required=True)
     p.add_argument("--attention", help="gemma_jax attention implementation (default: the tree's own)")
     p.add_argument("--label", help="a name for the plot legend")
+    p.add_argument("--once", action="store_true", help="one call only: its time includes compilation")
     p.add_argument("--json", help="append the figures to this JSON list")
     p = sub.add_parser("temp")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192")
     p.add_argument("--impls", default="xla,blockwise")
+    p.add_argument("--json")
+    p = sub.add_parser("attn")
+    p.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
+    p.add_argument("--blocks", default="256,512,1024")
     p.add_argument("--json")
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")
@@ -188,10 +224,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "plot":
         return plot(args.files, args.out)
-    if args.cmd == "temp":
+    if args.cmd == "attn":
+        result = attention_times([int(t) for t in args.lengths.split(",")], [int(b) for b in args.blocks.split(",")])
+    elif args.cmd == "temp":
         result = temp_memory([int(t) for t in args.lengths.split(",")], args.impls.split(","))
     else:
-        result = [run_jax(args.length, args.attention) if args.side == "jax" else run_hf(args.length)]
+        result = [run_jax(args.length, args.attention, args.once) if args.side == "jax" else run_hf(args.length)]
         if args.label:
             result[0]["label"] = args.label
     print(json.dumps(result, indent=1))
