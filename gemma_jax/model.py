@@ -64,12 +64,13 @@ class Attention(nnx.Module):
         new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
         if layer_cache is not None and attend_cache:
             slots = layer_cache.k.shape[1]
-            if t == 1:
-                # One new token (decode): write, then attend over the buffer alone, with no copy of
-                # the cache. The slot it takes held position p - S, outside every window reaching p.
+            if t == 1 or self.window is None:
+                # One new token (decode), or any chunk on a global layer (slot = position: the write
+                # overwrites nothing): write, then attend over the buffer alone, with no copy of the
+                # cache. A decode step's slot held position p - S, outside every window reaching p.
                 keys, values = new_cache.k.astype(dt), new_cache.v.astype(dt)
                 key_pos = kv.slot_positions(kv.advance(end, positions), slots)
-            else:  # a chunk: the old buffer (whose slots the chunk may overwrite) followed by the chunk
+            else:  # a chunk on a ring: the old ring (whose slots the chunk may overwrite), then the chunk
                 keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
                 values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
                 key_pos = jnp.concatenate([kv.slot_positions(end, slots), positions], axis=1)

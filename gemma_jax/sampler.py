@@ -99,7 +99,7 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens
+PREFILL_CHUNK = 1024  # prompts longer than this are prefilled in chunks of this many tokens
 
 
 def _prefill(model, cache, tokens, positions, fresh, hook):

@@ -65,7 +65,9 @@ def run_jax(length: int, attention: str | None, once: bool = False) -> dict:
     model = bench._jax_model(spec)
     if attention is not None:
         model = model.with_attention(attention)
-    out = {"side": "gemma_jax", "length": length, "attention": attention or "dense (before)", "cpu": _cpu(),
+    chosen = getattr(model, "attention", None)  # None: a tree from before attention choices (dense)
+    out = {"side": "gemma_jax", "length": length, "attention": "dense (before)" if chosen is None else chosen.impl,
+           "cpu": _cpu(),
            "build_s": time.perf_counter() - start}
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.state))
     # at the model's limit the prompt is one token short: prompt + the generated token fit 8,192

@@ -125,7 +125,7 @@ def test_greedy_decode_past_8000_equals_hf(narrow):
     hf, ours = narrow
     prompt = np.random.default_rng(4).integers(3, 128, 8100).tolist()
     new = 12
-    got = ours.generate_ids([prompt], new, stop_ids=[])[0]       # chunked prefill (2,048) + decode
+    got = ours.generate_ids([prompt], new, stop_ids=[])[0]       # chunked prefill (1,024) + decode
     assert len(prompt) > 3 * sampler.PREFILL_CHUNK
     assert got == hf_generate(hf, prompt, new)
     assert len(set(got)) > 1
