@@ -202,3 +202,9 @@ def test_splash_falls_back_where_positions_are_not_contiguous():
     assert not bool(contiguous_rows(pos)) and bool(contiguous_rows(_fresh_positions(t, (0, 3), (2, 0))))
     ref = dense(q, kk, v, pos, pos, window=w, **KW)
     _compare(_splash(q, kk, v, pos, w), ref, pos, tol=1e-5)
+
+
+def test_cli_refuses_an_unknown_attention(capsys):
+    from gemma_jax import cli
+    assert cli.main(["--no-compile-cache", "generate", "--attention", "flash", "--prompt", "x"]) == 2
+    assert "attention implementation 'flash' is unknown" in capsys.readouterr().err
