@@ -194,7 +194,9 @@ def plot(files: list[str], out: str) -> None:
     if target:
         pts = sorted((r["length"], r["target_GiB"]) for r in target)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="weights + KV cache + 1.5 GB")
-    ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="peak RSS (GiB)",
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xlabel="prompt length (tokens)", ylabel="peak RSS (GiB)",
            title="Gemma 2 2B float32 prefill, one prompt (CPU)")
     ax.set_xticks(sorted({r["length"] for r in rows}), labels=[str(t) for t in sorted({r["length"] for r in rows})])
     ax.legend(fontsize=8)
