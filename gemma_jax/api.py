@@ -15,7 +15,8 @@ from gemma_jax import checkpoint, quant, sampler
 from gemma_jax import hooks as hooks_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import GenerationError, TokenizerError
-from gemma_jax.model import Transformer, abstract_model, weight_in_axis
+from gemma_jax.attention import AttentionConfig, attention_config
+from gemma_jax.model import Transformer, abstract_model, set_attention, weight_in_axis
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -66,6 +67,17 @@ class Gemma:
     @property
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def attention(self) -> AttentionConfig:
+        return self.model.blocks[0].attn.attention
+
+    def with_attention(self, attention: str | AttentionConfig) -> Gemma:
+        """The same weights (shared, not copied) computing attention another way: 'auto', 'xla',
+        'blockwise', 'splash' or an AttentionConfig (see gemma_jax.attention)."""
+        model = self.model
+        set_attention(model, attention_config(attention))
+        return Gemma(model, self.tokenizer, self.mesh)
 
     def check_tokens(self, tokens: np.ndarray) -> None:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
@@ -238,9 +250,11 @@ class TextStream:
 
 
 def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-         quantize: str | None = None, int8_mode: str | None = None) -> Gemma:
+         quantize: str | None = None, int8_mode: str | None = None,
+         attention: str | AttentionConfig | None = None) -> Gemma:
     """Load a converted checkpoint. dtype: 'float32' | 'bfloat16' | None (the stored dtype): the
     compute dtype (and that of the float params).
+    attention: 'auto' (default) | 'xla' | 'blockwise' | 'splash' | an AttentionConfig.
 
     quantize="int8" quantizes a float checkpoint while loading, one layer at a time (a checkpoint
     converted with quantize="int8" is int8 already). int8_mode picks the int8 product (see
@@ -249,6 +263,7 @@ def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh
     arrays: each process reads only the shards its devices hold.
     """
     ckpt_dir = Path(ckpt_dir)
+    attention = attention_config(attention)
     info = checkpoint.read_info(ckpt_dir)
     config = info.config
     dtype = dtype or info.param_dtype
@@ -262,7 +277,7 @@ def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh
                               "(an int8 checkpoint or quantize='int8')")
     mode = (int8_mode or quant.default_mode()) if quantized else None
     jdtype = DTYPES[dtype]
-    abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype, int8_mode=mode)
+    abstract = abstract_model(config, param_dtype=jdtype, dtype=jdtype, int8_mode=mode, attention=attention)
     shapes = checkpoint.param_shapes(abstract)
     if mesh is None:
         shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))

@@ -214,15 +214,12 @@ def _weights_label(model) -> str:
 
 
 # -------------------------------------------------------------------------------- HF side
-def hf_worker(spec: BenchSpec) -> dict:
+def hf_model(spec: BenchSpec):
+    """HF Gemma2ForCausalLM (eager attention) from spec.hf_dir, or with the synthetic weights."""
     import torch
     import transformers
     from transformers.initialization import no_init_weights
-    torch.set_num_threads(os.cpu_count())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
-    out = {"side": "hf_transformers", "version": transformers.__version__, "dtype": spec.dtype,
-           "threads": torch.get_num_threads()}
-    start = time.perf_counter()
     if spec.hf_dir:
         model = transformers.Gemma2ForCausalLM.from_pretrained(spec.hf_dir, dtype=dtype, attn_implementation="eager")
     else:
@@ -238,7 +235,17 @@ def hf_worker(spec: BenchSpec) -> dict:
                 if name in shapes:
                     param.copy_(torch.from_numpy(synthetic_tensor(name, shapes[name], spec.seed)))
             model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in every Gemma 2
-    model.eval()
+    return model.eval()
+
+
+def hf_worker(spec: BenchSpec) -> dict:
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    out = {"side": "hf_transformers", "version": transformers.__version__, "dtype": spec.dtype,
+           "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    model = hf_model(spec)
     out["load_s"] = time.perf_counter() - start
     rng = np.random.default_rng(spec.seed)
     out["runs"] = []

@@ -30,6 +30,8 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
     _add_quantize(p, "int8 weights: quantize a float checkpoint while loading (an int8 checkpoint is int8 already)")
+    p.add_argument("--attention", help="attention implementation: auto (default), xla, blockwise, splash "
+                   "(TPU), optionally with options, e.g. blockwise,block_q=256; see docs/accelerators.md")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int)
@@ -125,6 +127,8 @@ def _load(args):
     """Check the sampling arguments (before spending time on loading), then load the checkpoint."""
     from gemma_jax.sampler import Sampling
     Sampling(args.temperature, args.top_k, args.top_p)
+    from gemma_jax.attention import attention_config
+    attention_config(args.attention)  # a bad --attention is refused before loading
     if args.max_new_tokens < 0:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     from gemma_jax.api import load
@@ -141,7 +145,7 @@ def _load(args):
     if sys.stderr.isatty():
         print(f"loading {ckpt} ...", end="", file=sys.stderr, flush=True)
     model = load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh,
-                 quantize=args.quantize, int8_mode=args.int8_mode)
+                 quantize=args.quantize, int8_mode=args.int8_mode, attention=args.attention)
     if sys.stderr.isatty():
         print(f" done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model

@@ -96,6 +96,11 @@ class Hooks:
         key's function, in the mapping's order."""
         return cls(tuple((site, fn) for key, fn in hooks.items() for site in resolve(config, key)))
 
+    @property
+    def sites(self) -> frozenset[str]:
+        """The sites these hooks touch (attention runs dense only where scores/pattern are hooked)."""
+        return frozenset(site for site, _ in self.table)
+
     def __call__(self, name: str, value: jax.Array) -> jax.Array:
         for site, fn in self.table:
             if site == name:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from gemma_jax import cache as kv
 from gemma_jax import quant
-from gemma_jax.attention import attend
+from gemma_jax.attention import AttentionConfig, attend, attention_config
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
 from gemma_jax.quant import dense
@@ -49,7 +49,8 @@ def _dense(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 attention: AttentionConfig | None = None):
         d, n, k, h = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
         self.q = _dense(rngs, (d, n * h), param_dtype)
@@ -62,6 +63,7 @@ class Attention(nnx.Module):
         self.rope_theta = config.rope_theta
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.name = f"blocks.{layer}.attn"
+        self.attention = attention_config(attention)  # which implementation (static)
 
     def __call__(self, x, positions, layer_cache: kv.LayerKV | None, end, attend_cache: bool, hook=None):
         b, t, _ = x.shape
@@ -77,18 +79,19 @@ class Attention(nnx.Module):
         new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
         if layer_cache is not None and attend_cache:
             slots = layer_cache.k.shape[1]
-            if t == 1:
-                # One new token (decode): write, then attend over the buffer alone, with no copy of
-                # the cache. The slot it takes held position p - S, outside every window reaching p.
+            if t == 1 or self.window is None:
+                # One new token (decode), or any chunk on a global layer (slot = position: the write
+                # overwrites nothing): write, then attend over the buffer alone, with no copy of the
+                # cache. A decode step's slot held position p - S, outside every window reaching p.
                 keys, values = new_cache.k.astype(dt), new_cache.v.astype(dt)
                 key_pos = kv.slot_positions(kv.advance(end, positions), slots)
-            else:  # a chunk: the old buffer (whose slots the chunk may overwrite) followed by the chunk
+            else:  # a chunk on a ring: the old ring (whose slots the chunk may overwrite), then the chunk
                 keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
                 values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
                 key_pos = jnp.concatenate([kv.slot_positions(end, slots), positions], axis=1)
 
         z = attend(q, keys, values, positions, key_pos, scale=self.scale, softcap=self.softcap,
-                   window=self.window, hook=hook, name=self.name)
+                   window=self.window, hook=hook, name=self.name, config=self.attention)
         z = _site(hook, f"{self.name}.hook_z", z.reshape(b, t, -1))
         out = dense(z, self.o[...], in_axis=1)
 
@@ -116,10 +119,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """norm -> attention -> norm -> residual; norm -> MLP -> norm -> residual."""
 
-    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 attention: AttentionConfig | None = None):
         d, eps = config.hidden_size, config.rms_norm_eps
         self.pre_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
-        self.attn = Attention(config, layer, rngs=rngs, param_dtype=param_dtype)
+        self.attn = Attention(config, layer, rngs=rngs, param_dtype=param_dtype, attention=attention)
         self.post_attn_norm = RMSNorm(d, eps, param_dtype=param_dtype)
         self.pre_ffw_norm = RMSNorm(d, eps, param_dtype=param_dtype)
         self.mlp = MLP(config, layer, rngs=rngs, param_dtype=param_dtype)
@@ -139,13 +143,15 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Gemma 2 decoder. `dtype` is the compute dtype; parameters are kept in `param_dtype`."""
+    """Gemma 2 decoder. `dtype` is the compute dtype; parameters are kept in `param_dtype`;
+    `attention` says how attention is computed (attention.AttentionConfig)."""
 
-    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+    def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
+                 attention: AttentionConfig | None = None):
         self.config = config
         self.dtype = dtype
         self.embedder = Embedder(config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=param_dtype)
-        self.blocks = nnx.List([Block(config, i, rngs=rngs, param_dtype=param_dtype)
+        self.blocks = nnx.List([Block(config, i, rngs=rngs, param_dtype=param_dtype, attention=attention)
                                 for i in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
@@ -175,11 +181,12 @@ class Transformer(nnx.Module):
 
 
 def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32,
-                   int8_mode: str | None = None) -> Transformer:
+                   int8_mode: str | None = None, attention: AttentionConfig | None = None) -> Transformer:
     """The model with ShapeDtypeStruct leaves: no memory is allocated. With int8_mode ("dynamic"
     or "weight-only"), every weight matrix is an int8 QArray computed that way (norms stay in
     param_dtype)."""
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype,
+                                               attention=attention))
     if int8_mode is None:
         return model
     for path, param in nnx.iter_graph(model):
@@ -187,6 +194,12 @@ def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float
         if isinstance(param, nnx.Param) and axis is not None:
             param.set_value(quant.abstract(param.get_value(), axis, int8_mode))
     return model
+
+
+def set_attention(model: Transformer, attention: AttentionConfig) -> None:
+    """Use `attention` in every layer of `model` (in place; split the model again afterwards)."""
+    for block in model.blocks:
+        block.attn.attention = attention
 
 
 def param_count(config: GemmaConfig) -> int:

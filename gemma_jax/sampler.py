@@ -6,6 +6,11 @@ max_new_tokens. `start` compiles once per (batch, padded prompt, cache length, o
 sampling, fresh or continued cache); `decode` once per (batch, cache length, output buffer, sampling).
 The decode step limit is a traced argument, so streaming in chunks reuses the same program, and the
 stop ids are padded to a power of two (at least 4).
+
+Chunked prefill: a prompt longer than PREFILL_CHUNK tokens goes into the cache PREFILL_CHUNK tokens
+at a time (`prefill_chunk`, one compilation), positions continuing, the last piece through `start`;
+activation memory is then bounded by the chunk, not the prompt. Each chunk attends over the
+cache's buffers and itself (see model.Attention), so ring buffers wrap correctly inside a chunk.
 """
 
 from __future__ import annotations
@@ -94,15 +99,54 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+PREFILL_CHUNK = 1024  # prompts longer than this are prefilled in chunks of this many tokens
+
+
+def _prefill(model, cache, tokens, positions, fresh, hook):
+    """(cache, final-normed hidden [B, D] at each row's last real token of the chunk)."""
+    hidden, cache = model(tokens, positions, cache, attend_cache=not fresh, hook=hook)
+    last = jnp.sum(positions >= 0, axis=1) - 1
+    return cache, hidden[jnp.arange(tokens.shape[0]), last]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "fresh", "logits", "hook"), donate_argnames=("cache",))
+def prefill_chunk(graphdef, state, cache: kv.KVCache, tokens, positions, *, fresh: bool = False,
+                  logits: bool = True, hook=None):
+    """Append one right-padded chunk to the cache: tokens, positions [B, C] (-1 = padding; each
+    row's positions continue its cache, `cache.end`). Returns (cache, float32 logits [B, V] at each
+    row's last real token of the chunk), or (cache, hidden [B, D]) with logits=False.
+
+    fresh: the cache is empty (nothing to attend to). The cache is donated. A row with no token in
+    this chunk (all padding) is left as it was; its logits are meaningless.
+    """
+    model = nnx.merge(graphdef, state)
+    cache, hidden = _prefill(model, cache, tokens, positions, fresh, hook)
+    return cache, (model.logits(hidden, hook=hook) if logits else hidden)
+
+
+def split_prompts(chunks: Sequence[Sequence[int]], starts: Sequence[int], size: int):
+    """Cut each row's tokens into pieces of `size`, aligned so that every row's last piece is in
+    the last call: a list of (pieces per row, start position per row), one per call."""
+    counts = [max(1, -(-len(c) // size)) for c in chunks]
+    calls = []
+    for i in range(max(counts)):
+        pieces, piece_starts = [], []
+        for chunk, s, n in zip(chunks, starts, counts):
+            k = i - (max(counts) - n)  # this row's piece index (negative: not started yet)
+            pieces.append(list(chunk[k * size:(k + 1) * size]) if k >= 0 else [])
+            piece_starts.append(s + max(k, 0) * size)
+        calls.append((pieces, piece_starts))
+    return calls
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "buffer", "fresh", "hook"),
                    donate_argnames=("cache",))
 def start(graphdef, state, cache, tokens, positions, rng, stop_ids, pad_id, *, sampling, buffer, fresh,
           hook=None):
     """Run a right-padded chunk [B, T] through the model into the cache and pick the first token."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model(tokens, positions, cache, attend_cache=not fresh, hook=hook)
-    last = jnp.sum(positions >= 0, axis=1) - 1
-    logits = model.logits(hidden[jnp.arange(tokens.shape[0]), last], hook=hook)
+    cache, hidden = _prefill(model, cache, tokens, positions, fresh, hook)
+    logits = model.logits(hidden, hook=hook)
     first, logprob = pick(logits, rng, jnp.int32(0), sampling)
     b = tokens.shape[0]
     out = jnp.full((b, buffer), pad_id, jnp.int32).at[:, 0].set(first)
@@ -151,8 +195,9 @@ class Result:
 def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], starts: Sequence[int],
         max_new_tokens: int, sampling: Sampling, seed: int, stop_ids: Sequence[int], pad_id: int,
         fresh: bool, stream: Callable[[list[list[int]]], Sequence[int] | None] | None = None,
-        stream_every: int = 1, hook=None):
+        stream_every: int = 1, hook=None, chunk_size: int = PREFILL_CHUNK):
     """Feed each row's chunk (appended at position starts[row]) and generate up to max_new_tokens.
+    A chunk longer than `chunk_size` is prefilled `chunk_size` tokens at a time.
 
     `stream(new_tokens_per_row)` is called after every `stream_every` tokens when given; it may
     return row indices to stop (stop strings). Returns (Result, cache).
@@ -160,6 +205,13 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
     prefill and every decode step (steered generation).
     """
     b = len(chunks)
+    calls = split_prompts(chunks, starts, chunk_size)
+    for pieces, piece_starts in calls[:-1]:
+        tokens, positions = pad_chunk(pieces, piece_starts, chunk_size, pad_id)
+        cache, _ = prefill_chunk(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions), fresh=fresh,
+                                 logits=False, hook=hook)
+        fresh = False
+    chunks, starts = calls[-1]
     length = bucket(max(len(c) for c in chunks), 16)
     tokens, positions = pad_chunk(chunks, starts, length, pad_id)
     buffer = bucket(max_new_tokens, 1)
