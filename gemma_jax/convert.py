@@ -225,7 +225,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
     dtype: "float32" or "bfloat16"; None keeps the dtype on disk. `progress(iterable, total)`
     wraps the tensor loop (a progress bar). The output appears only when complete.
     """
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
     _check_dtype(dtype)
     checkpoint.check_output_dir(out_dir, force)  # fail fast, before reading any weights
     config = read_hf_config(hf_dir)
