@@ -153,7 +153,8 @@ class Gemma:
             self.check_tokens(p)
             limit = self.config.max_position_embeddings
             if p.size + max_new_tokens > limit:
-                raise GenerationError(f"prompt {i}: {p.size} tokens + {checks.name('max_new_tokens')} "
+                which = checks.name("prompt") if len(prompts) == 1 else f"prompt {i}"
+                raise GenerationError(f"{which}: {p.size} tokens + {checks.name('max_new_tokens')} "
                                       f"{max_new_tokens} exceeds the model's max_position_embeddings {limit}")
             out.append(p.astype(np.int32).tolist())
         return out

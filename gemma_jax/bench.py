@@ -43,6 +43,11 @@ class BenchSpec:
     seed: int = 0
     repeats: int = 3                # decode and TTFT: the best of this many runs (as the probe's best-of-5)
 
+    def __post_init__(self):        # paths as given by a user: ~ expanded
+        for name in ("ckpt", "hf_dir"):
+            if getattr(self, name):
+                object.__setattr__(self, name, os.path.expanduser(str(getattr(self, name))))
+
 
 def spec_config(spec: BenchSpec) -> GemmaConfig:
     config = _base_config(spec)
@@ -97,28 +102,28 @@ def plan(spec: BenchSpec, vs_hf: bool = False) -> str:
     from gemma_jax import sampler
     from gemma_jax.api import DTYPES
     from gemma_jax.convert import hf_shapes
-    from gemma_jax.model import param_count
     config = spec_config(spec)
-    params = param_count(config)
+    sizes = [int(np.prod(shape)) for shape in hf_shapes(config).values()]   # HF's tensors: every parameter once
+    params = sum(sizes)
     weights = params * np.dtype(DTYPES[spec.dtype]).itemsize
-    largest = 4 * max(int(np.prod(shape)) for shape in hf_shapes(config).values())   # float32, as generated
+    largest = 4 * max(sizes)                                                # float32, as generated
     runs = [(b, p, weights + kv.cache_bytes(config, b, sampler.bucket(p + spec.gen_len, 32), DTYPES[spec.dtype])
              ["total"]) for b in spec.batch_sizes for p in spec.prompt_lens]
     step = max(r[2] for r in runs)
     ours = step + (1 << 28) * np.dtype(DTYPES[spec.dtype]).itemsize + (0 if spec.ckpt else 2 * largest)
     memory = max(ours, step + largest) if vs_hf else ours    # HF runs after us, in its own process
     what = f"checkpoint {spec.ckpt}" if spec.ckpt else f"random weights in the Gemma 2 {spec.preset} shape"
-    lines = [f"bench: {what}: {params / 1e9:.3g} B parameters in {spec.dtype} ({_bytes(weights)}); batch sizes "
+    lines = [f"bench: {what}: {_count(params)} parameters in {spec.dtype} ({_bytes(weights)}); batch sizes "
              f"{', '.join(map(str, spec.batch_sizes))} x prompt lengths {', '.join(map(str, spec.prompt_lens))}, "
              f"{spec.gen_len} new tokens, best of {spec.repeats}"
              + ("; then HF transformers on the same weights" if vs_hf else "")]
     need = f"bench: needs about {_bytes(memory, binary=True)} of memory"
     if jax.default_backend() == "cpu":
-        seconds = OVERHEAD_S[0] + (0 if spec.ckpt else params / SYNTHETIC_PER_S)
-        for b, p, moved in runs:
-            seconds += OVERHEAD_S[1] + spec.gen_len * (1 + spec.repeats) * moved / CPU_BANDWIDTH \
-                + (2 + 2 * spec.repeats) * 2 * params * b * p / CPU_FLOPS
-        seconds *= (2.5 if vs_hf else 1) * (20 if spec.dtype == "bfloat16" else 1)   # HF ~1.5x; bf16 emulated
+        setup = OVERHEAD_S[0] + (0 if spec.ckpt else params / SYNTHETIC_PER_S)
+        work = sum(OVERHEAD_S[1] + spec.gen_len * (1 + spec.repeats) * moved / CPU_BANDWIDTH
+                   + (2 + 2 * spec.repeats) * 2 * params * b * p / CPU_FLOPS for b, p, moved in runs)
+        seconds = setup + work * (20 if spec.dtype == "bfloat16" else 1)      # XLA:CPU emulates bf16
+        seconds += (setup + 1.5 * work) if vs_hf else 0                        # HF: about 1.5x our time
         need += f" and roughly {_duration(seconds)} on a 2-core CPU"
     if not spec.ckpt and spec.preset != "tiny":
         need += " (--preset tiny checks the harness in seconds)"
@@ -370,10 +375,20 @@ def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------------- the report
+def _count(n: int) -> str:
+    """2.61 B, 4.19 M, 181 k."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
 def _duration(seconds: float) -> str:
-    """Seconds in a unit that shows them: 45 us, 12.3 ms, 1.90 s, 2.2 min."""
+    """Seconds in a unit that shows them: 45 us, 12.3 ms, 1.90 s, 50 s, 2.2 min."""
     if seconds >= 120:
         return f"{seconds / 60:.1f} min"
+    if seconds >= 10:
+        return f"{seconds:.0f} s"
     if seconds >= 1:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
