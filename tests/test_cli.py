@@ -6,6 +6,7 @@ Called in-process through `gemma_jax.cli.main` (stderr captured by capsys), plus
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -280,3 +281,76 @@ def test_generate_under_a_mesh(capsys, chat_ckpt):
 @pytest.mark.parametrize("mesh,words", [("2x2", "needs 4 devices"), ("x", "expected FSDPxTP")])
 def test_bad_mesh(capsys, dirs, mesh, words):
     refused(capsys, "--mesh", mesh, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", words=(words,))
+
+
+# ----------------------------------------------------------------------------------------- parity
+def test_parity_explains_a_bf16_checkpoint(capsys, dirs, tmp_path):
+    """A bf16 conversion of float32 HF weights differs by bf16 rounding: parity fails and says why;
+    transformers' progress bars stay quiet."""
+    gemma_jax.convert(dirs / "hf", tmp_path / "bf16", dtype="bfloat16")
+    code, out, err = run(capsys, "parity", "--hf", dirs / "hf", "--ckpt", tmp_path / "bf16", "--length", "8")
+    assert code == 2 and "FAIL: logits differ" in out and "bf16 rounding of the weights explains" in out
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemma-jax: error: parity: logits differ from HF by "), err
+    assert "> --tolerance 0.0002 (the checkpoint stores bfloat16 and the HF directory float32: bf16 rounding" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------- the parser
+def test_global_flags_before_or_after_the_command(capsys, chat_ckpt):
+    parser = cli.build_parser()
+    before = parser.parse_args(["--debug", "--mesh", "1x1", "generate", "--prompt", "p"])
+    after = parser.parse_args(["generate", "--prompt", "p", "--debug", "--mesh", "1x1"])
+    plain = parser.parse_args(["generate", "--prompt", "p"])
+    assert (before.debug, before.mesh) == (after.debug, after.mesh) == (True, "1x1")
+    assert (plain.debug, plain.mesh, plain.compile_cache) == (False, None, cli.DEFAULT_COMPILE_CACHE)
+    # every command gets them, one added later too
+    commands = next(a for a in parser._actions if isinstance(a, cli._Commands))
+    commands.add_parser("later", help="a command added by another module")
+    assert parser.parse_args(["later", "--no-compile-cache"]).no_compile_cache is True
+    code, out, _ = run(capsys, "generate", "--ckpt", chat_ckpt, "--prompt", "hi", "--max-new-tokens", "2", "--mesh", "1x1")
+    assert code == 0 and out.startswith("hi")
+
+
+def test_version_description_and_defaults_in_help(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"gemma-jax {gemma_jax.__version__} " \
+        f"(jax {importlib.metadata.version('jax')}, flax {importlib.metadata.version('flax')})"
+    assert cli.main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert f"Commands: {', '.join(cli.COMMANDS)}." in top
+    assert cli.main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("most tokens to generate (default: 64)", "the same seed repeats the same sample (default: 0)",
+                  "(repeatable)", "global options (before or after the command)", "--debug"):
+        assert words in text, words
+    assert "usage: gemma-jax generate [-h] [--ckpt DIR]" in text       # the usage line leaves the globals out
+    assert cli.main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random weights of this shape (default: 2b)" in text and "(default: 3)" in text
+
+
+def test_paths_expand_the_home_directory(capsys, monkeypatch, dirs, tmp_path):
+    """~ in a path: the CLI expands it (also in --flag=~/x, which the shell leaves alone), and so
+    do convert and load."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    refused(capsys, "generate", "--ckpt=~/nope", "--prompt", "hi", words=(f"{tmp_path / 'nope'}: no such checkpoint",))
+    gemma_jax.convert(dirs / "hf", "~/ckpt")
+    assert (tmp_path / "ckpt" / "gemma_config.json").is_file()
+    assert gemma_jax.load("~/ckpt").config == gemma_jax.load(dirs / "ckpt").config
+
+
+def test_sampling_flags_without_a_temperature_warn(capsys, chat_ckpt):
+    code, out, err = run(capsys, "generate", "--ckpt", chat_ckpt, "--prompt", "hi", "--max-new-tokens", "2",
+                         "--top-k", "5")
+    assert code == 0 and "gemma-jax: warning: --top-k and --top-p do nothing at --temperature 0 (greedy)" in err
+
+
+def test_stop_and_empty_prompt(capsys, chat_ckpt):
+    """--prompt "" continues from BOS alone; --stop (repeatable) ends the text at a string, not printed."""
+    reference = gemma_jax.load(chat_ckpt).generate("", max_new_tokens=8)
+    code, out, _ = run(capsys, "generate", "--ckpt", chat_ckpt, "--prompt", "", "--max-new-tokens", "8")
+    assert code == 0 and out == reference + "\n" and len(reference) >= 4
+    stop = reference[len(reference) // 2:len(reference) // 2 + 2]
+    code, out, _ = run(capsys, "generate", "--ckpt", chat_ckpt, "--prompt", "", "--max-new-tokens", "8",
+                       "--stop", "never there", "--stop", stop)
+    assert code == 0 and out == reference[:reference.find(stop)] + "\n"

@@ -105,3 +105,21 @@ def test_interp_demo_runs_on_the_default_model(converted, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "built-in default model" in proc.stdout
     assert (tmp_path / "attention_patterns.png").stat().st_size > 1000
+
+
+def test_readme_python_block_runs_as_written(converted, capsys, monkeypatch):
+    """README's Python example, executed as written on the default model: its streamed line is
+    the returned text, printed as one continuous piece."""
+    import re
+    from pathlib import Path
+    monkeypatch.setenv("XDG_CACHE_HOME", str(converted.parent.parent))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"From Python[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "load_default()" in block
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    out = capsys.readouterr().out
+    assert out == scope["text"] and len(out) > 20
+    assert scope["logits"].shape[:2] == (1, len(scope["ids"])) and len(scope["batch"]) == 2
+    assert isinstance(scope["reply"], str)
+    assert scope["acts"]["blocks.0.hook_resid_post"].shape == (1, len(scope["ids"]), 256)
