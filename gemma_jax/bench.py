@@ -87,11 +87,11 @@ def preflight(spec: BenchSpec, vs_hf: bool = False, outputs: dict | None = None)
             raise errors.GenerationError(f"{flag} {path}: the directory {Path(path).parent} does not exist")
 
 
-# Rough figures for plan(), from the 2-core build machine (docs/performance.md).
-CPU_BANDWIDTH = 20e9        # bytes/s a decode step streams
-CPU_FLOPS = 100e9           # prefill
-SYNTHETIC_PER_S = 1e8       # synthetic weights generated per second
-OVERHEAD_S = (10, 5)        # per process (start, imports), per (batch, prompt length) run (compiling)
+# Rough figures for plan(), measured by `gemma-jax bench` (2B, float32) on the 2-core build machine.
+CPU_BANDWIDTH = 20e9        # bytes/s a decode step streams (24 GB/s measured)
+CPU_FLOPS = 100e9           # prefill (104 GFLOP/s measured)
+SYNTHETIC_PER_S = 2.5e7     # synthetic weights generated per second (111 s for 2B)
+OVERHEAD_S = (10, 20)       # per process (start, imports), per (batch, prompt length) run (19 s compiling)
 
 
 def plan(spec: BenchSpec, vs_hf: bool = False) -> str:
@@ -466,21 +466,22 @@ def plot(result: dict, path: str):
     batches = sorted({r["batch"] for r in ours["runs"]})
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for key, label, style in (("gemma_jax", "gemma_jax", "o-"), ("hf", "HF transformers (eager)", "s--")):
+    for side, (key, label, style) in enumerate((("gemma_jax", "gemma_jax", "o-"),
+                                                ("hf", "HF transformers (eager)", "s--"))):
         if key not in result:
             continue
         for i, plen in enumerate(prompt_lens):
             points = sorted((r["batch"], r["decode_tok_s_total"]) for r in result[key]["runs"]
                             if r["prompt_len"] == plen)
-            ax.plot(*zip(*points), style, color=colors[i % len(colors)],
+            ax.plot(*zip(*points), style, color=colors[(side * len(prompt_lens) + i) % len(colors)],
                     label=label + (f", prompt {plen}" if len(prompt_lens) > 1 else ""))
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_ylim(bottom=0)
-    ax.set(xlabel="batch size", ylabel="decode tokens/s (all sequences)",
-           title=f"{model_name(spec)}: {spec['dtype']} decode on {ours['device']}"
-                 + (f", prompt {prompt_lens[0]}" if len(prompt_lens) == 1 else ""))
+    ax.set(xlabel="batch size", ylabel="decode tokens/s (all sequences)")
+    ax.set_title(f"{model_name(spec)}: {spec['dtype']} decode on {ours['device']}"
+                 + (f", prompt {prompt_lens[0]}" if len(prompt_lens) == 1 else ""), fontsize=10)
     if emulated_bf16(ours):
         fig.text(0.01, 0.01, "bf16 on CPU is emulated (compute-bound): use float32 on CPUs", fontsize=7)
     ax.legend(fontsize=8)

@@ -67,7 +67,7 @@ class ChatSession:
         chunk = self.history[start:] + turn
         config = self.model.config
         limit = config.max_position_embeddings
-        room = limit - start - len(chunk)
+        room = limit - start - len(chunk) - 1 - len(self.newline)   # the reply closes with <end_of_turn>\n
         if room < 1:
             raise GenerationError(f"this message ({len(turn)} tokens) leaves no room for a reply in the "
                                   f"model's context ({len(self.history)} of max_position_embeddings {limit} "

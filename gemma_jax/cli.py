@@ -329,23 +329,27 @@ def _chat(args) -> None:
             continue
         if text.startswith("//"):
             text = text[1:]
-        _write("model> ")
         with _ctrl_c_as_flag() as pressed:
+            shown = []      # "model> " goes out with the first piece, after any warning about this turn
+
             def stream(piece):
+                if not shown:
+                    _write("model> ")
+                shown.append(piece)
                 _write(piece)
                 if pressed:
                     raise KeyboardInterrupt
             try:
                 session.send(text, stream=stream)
             except KeyboardInterrupt:
-                _write("\n")
+                _write("\n" if shown else "")
                 print("(reply stopped)", file=sys.stderr)
                 continue
             except GemmaError as e:
-                _write("\n")
+                _write("\n" if shown else "")
                 print(f"error: {e}", file=sys.stderr)
                 continue
-        _write("\n")
+        _write("\n" if shown else "model> \n")
 
 
 def _bench(args) -> None:

@@ -226,14 +226,15 @@ def test_a_turn_is_clamped_to_the_room_left_once_said(chat_ckpt):
         assert caught == [] and len(session.history) < limit - 20
         history = list(session.history)
         turn = model.tokenizer.encode_chat([{"role": "user", "content": "hi"}])[1:]
-        room = limit - len(history) - len(turn)
+        room = limit - len(history) - len(turn) - 2        # room for <end_of_turn>\n kept
         assert 0 < room < 30
         session.send("hi")
         assert len(caught) == 1 and caught[0].category is GemmaWarning
         assert f"shortened to the room left ({room} tokens for this one)" in str(caught[0].message)
         expected = model.generate_ids([history + turn], room, stop_ids=list(model.chat_stop_ids()))[0]
         assert session.history[len(history) + len(turn):-2] == expected
-        if limit - len(session.history) - len(turn) >= 1:     # another shortened turn: no second warning
+        assert len(session.history) <= limit
+        if limit - len(session.history) - len(turn) - 2 >= 1:     # another shortened turn: no second warning
             session.send("hi")
         assert len(caught) == 1
     with pytest.raises(GenerationError, match="leaves no room for a reply"):

@@ -183,7 +183,7 @@ def test_chat_repl_reports_a_refused_turn_and_goes_on(capsys, chat_ckpt, monkeyp
     assert code == 0
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "leaves no room for a reply" in errors[0], err
-    assert "max_position_embeddings 64" in errors[0] and out.count("model> ") == 2
+    assert "max_position_embeddings 64" in errors[0] and out.count("model> ") == 1
 
 
 # ----------------------------------------------------------------------------------------- usage

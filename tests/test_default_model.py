@@ -123,3 +123,22 @@ def test_readme_python_block_runs_as_written(converted, capsys, monkeypatch):
     assert scope["logits"].shape[:2] == (1, len(scope["ids"])) and len(scope["batch"]) == 2
     assert isinstance(scope["reply"], str)
     assert scope["acts"]["blocks.0.hook_resid_post"].shape == (1, len(scope["ids"]), 256)
+
+
+def test_chat_with_its_defaults_goes_on_as_the_context_fills(converted, capsys, monkeypatch):
+    """`gemma-jax chat` on the default model (1024 positions, 256 tokens a reply by default): the
+    second turn and later ones are answered; once the context nears its end, replies are shortened
+    (said once), and a message with no room left is refused with /reset as the way on."""
+    import io
+    import sys
+    monkeypatch.setenv("XDG_CACHE_HOME", str(converted.parent.parent))
+    turns = ["import os", "class Config:", "def main():", "x = 1", "print(x)", "return"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
+    assert cli.main(["--no-compile-cache", "chat"]) == 0
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    warnings = [line for line in err.splitlines() if line.startswith("gemma-jax: warning: ")]
+    assert out.count("model> ") + len(errors) == len(turns) and out.count("model> ") >= 4
+    assert all("no room for a reply" in e and "/reset" in e for e in errors)
+    assert len(warnings) <= 1 and (warnings or not errors)
+    assert all("replies are now shortened to the room left" in w for w in warnings)
