@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax import cache as kv
-from gemma_jax import checkpoint, quant, sampler
+from gemma_jax import checkpoint, checks, quant, sampler
 from gemma_jax import hooks as hooks_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.errors import GenerationError, TokenizerError
@@ -38,11 +38,6 @@ def _sharded_init_cache(config: GemmaConfig, mesh: jax.sharding.Mesh, batch: int
     out = kv.KVCache(tuple(kv.LayerKV(layer, layer) for _ in range(config.num_hidden_layers)),
                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return jax.jit(lambda: kv.init_cache(config, batch, max_length, dtype), out_shardings=out)
-
-
-def check_max_new_tokens(value, minimum: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise GenerationError(f"max_new_tokens must be an integer >= {minimum}, got {value!r}")
 
 
 class Gemma:
@@ -86,7 +81,7 @@ class Gemma:
 
     def _prepare(self, token_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
         """Checked int [B, T] ids and optional 0/1 mask -> (ids with padding replaced, positions)."""
-        tokens = np.asarray(token_ids)
+        tokens = _array(token_ids, "token_ids")
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise GenerationError(f"token_ids must be a non-empty [batch, length] array, got shape {list(tokens.shape)}")
         if not np.issubdtype(tokens.dtype, np.integer):
@@ -120,19 +115,25 @@ class Gemma:
     def generate_ids(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int = 0, stop_ids=None, return_logprobs: bool = False,
                      stream=None, hooks=None):
-        """New token ids per prompt (stop token excluded); prompts are lists of token ids.
+        """New token ids per prompt (stop token excluded); prompts is a batch: a list of token-id
+        lists (one prompt is [[2, 651, 6037]]).
 
         stop_ids default to the config's eos ids. With return_logprobs, returns (ids, logprobs),
-        the log-probabilities under the model's unmodified distribution. `stream(new_per_row)` is
-        called as tokens arrive and may return row indices to stop. `hooks` ({site or pattern:
-        fn(value) -> value}, see interp) edit activations at every step: steered generation.
+        the log-probabilities under the model's unmodified distribution. `stream(new_ids_per_row)`
+        is called as tokens arrive (a list of new-id lists, one per row) and may return row
+        indices to stop. `hooks` ({site or pattern: fn(value) -> value}, see interp) edit
+        activations at every step: steered generation.
         """
         sampling = sampler.Sampling(temperature, top_k, top_p)
+        max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, minimum=0)
         prompts = self._check_prompts(prompts, max_new_tokens)
+        seed = checks.seed(seed)
+        stop_ids = checks.token_ids("stop_ids", self.config.eos_token_ids if stop_ids is None else stop_ids,
+                                    self.config.vocab_size)
+        checks.callback("stream", stream)
         if max_new_tokens == 0:
             empty = [[] for _ in prompts]
             return (empty, [[] for _ in prompts]) if return_logprobs else empty
-        stop_ids = list(self.config.eos_token_ids if stop_ids is None else stop_ids)
         cache_len = sampler.bucket(max(map(len, prompts)) + max_new_tokens, 32)
         cache = self.new_cache(len(prompts), cache_len)
         result, _ = sampler.run(self.graphdef, self.state, cache, prompts, [0] * len(prompts), max_new_tokens,
@@ -144,55 +145,74 @@ class Gemma:
         return hooks_lib.Hooks.from_mapping(self.config, hooks) if hooks else None
 
     def _check_prompts(self, prompts, max_new_tokens) -> list[list[int]]:
-        check_max_new_tokens(max_new_tokens)
+        max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, minimum=0)
         if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
-            raise GenerationError("prompts must be a list of token-id lists")
+            raise GenerationError("prompts must be a list of token-id lists (one per prompt)")
         if len(prompts) == 0:
             raise GenerationError("prompts is an empty batch")
+        if all(isinstance(p, (int, np.integer)) for p in prompts):
+            raise GenerationError("prompts must be a list of token-id lists (one per prompt), got a flat list "
+                                  "of ids: write one prompt as [[2, 651, ...]]")
         out = []
         for i, p in enumerate(prompts):
-            p = np.asarray(p)
+            try:
+                p = np.asarray(p)
+            except ValueError:      # ragged nesting: not a list of ids
+                p = np.zeros((0, 0))
             if p.ndim != 1 or p.size == 0 or not np.issubdtype(p.dtype, np.integer):
                 raise GenerationError(f"prompt {i} must be a non-empty list of token ids "
                                       "(an empty prompt needs at least BOS)")
             self.check_tokens(p)
             limit = self.config.max_position_embeddings
             if p.size + max_new_tokens > limit:
-                raise GenerationError(f"prompt {i}: {p.size} tokens + max_new_tokens {max_new_tokens} exceeds "
-                                      f"the model's max_position_embeddings {limit}")
+                which = checks.name("prompt") if len(prompts) == 1 else f"prompt {i}"
+                raise GenerationError(f"{which}: {p.size} tokens + {checks.name('max_new_tokens')} "
+                                      f"{max_new_tokens} exceeds the model's max_position_embeddings {limit}")
             out.append(p.astype(np.int32).tolist())
         return out
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise TokenizerError("this checkpoint has no tokenizer.model: pass token ids to generate_ids")
+            raise TokenizerError("this checkpoint has no tokenizer.model, so it takes token ids, not text "
+                                 "(generate_ids, logits)")
         return self.tokenizer
 
     def generate(self, text_or_texts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_ids=None,
-                 stop_strings=(), stream=None, hooks=None):
-        """Text in, generated text out (a list for a list). `stream(row, text_piece)` gets text
-        as it is generated; generation of a row ends at a stop id or the first stop string, which
-        is cut from the returned text."""
+                 stop_strings=(), return_logprobs: bool = False, stream=None, hooks=None):
+        """Text in, generated text out (a list for a list of prompts).
+
+        Generation of a row ends at a stop id or the first of `stop_strings` (one string or a
+        list), which is cut from the returned text. With one prompt, `stream(piece)` gets the text
+        as it is generated (the same callback as `chat`'s). With return_logprobs, returns
+        (text, logprobs): the log-probabilities of the generated tokens, as `generate_ids` gives them.
+        """
         tok = self._need_tokenizer()
         single = isinstance(text_or_texts, str)
-        texts = [text_or_texts] if single else list(text_or_texts)
+        texts = [text_or_texts] if single else text_or_texts
+        if isinstance(texts, bytes) or not hasattr(texts, "__iter__"):
+            texts = [texts]
+        texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
-            raise GenerationError("generate takes a string or a list of strings")
-        out = self._generate_text([tok.encode(t) for t in texts], max_new_tokens, temperature, top_k, top_p,
-                                  seed, stop_ids, stop_strings, stream, hooks)
-        return out[0] if single else out
+            raise GenerationError("generate takes a string or a list of strings (token ids go to generate_ids)")
+        if stream is not None and not single:
+            raise GenerationError("stream(piece) follows one prompt: pass a string, or stream a batch's token "
+                                  "ids with generate_ids(stream=...)")
+        texts_out, logprobs = self._generate_text([tok.encode(t) for t in texts], max_new_tokens, temperature,
+                                                  top_k, top_p, seed, stop_ids, stop_strings, stream, hooks)
+        out = texts_out[0] if single else texts_out
+        return (out, logprobs[0] if single else logprobs) if return_logprobs else out
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stream=None, hooks=None) -> str:
+             top_p: float | None = None, seed: int = 0, stop_strings=(), fold_system: bool = False,
+             stream=None, hooks=None) -> str:
         """The model's reply to a conversation [{"role": "user", "content": ...}, ...];
-        `stream(text_piece)` gets the reply as it is generated."""
+        `stream(piece)` gets the reply as it is generated. fold_system=True prepends a leading
+        system message to the first user turn (Gemma 2's template has no system role)."""
         tok = self._need_tokenizer()
-        ids = tok.encode_chat(messages, add_generation_prompt=True)
-        stop_ids = self.chat_stop_ids()
-        on_text = None if stream is None else (lambda _row, piece: stream(piece))
-        return self._generate_text([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, (),
-                                   on_text, hooks)[0]
+        ids = tok.encode_chat(messages, add_generation_prompt=True, fold_system=fold_system)
+        return self._generate_text([ids], max_new_tokens, temperature, top_k, top_p, seed, self.chat_stop_ids(),
+                                   stop_strings, stream, hooks)[0][0]
 
     def chat_stop_ids(self) -> tuple[int, ...]:
         """Ids that end a chat reply: the config's eos ids, the tokenizer's eos and <end_of_turn>
@@ -200,9 +220,11 @@ class Gemma:
         return tuple(dict.fromkeys((*self.config.eos_token_ids, *self._need_tokenizer().stop_ids_for_chat())))
 
     def _generate_text(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                       stop_strings, stream, hooks=None):
+                       stop_strings, stream, hooks=None) -> tuple[list[str], list[list[float]]]:
+        """(texts, logprobs) for token-id prompts; `stream(piece)` follows row 0 (one prompt)."""
         tok = self.tokenizer
-        stop_strings = [s for s in stop_strings if s]
+        stop_strings = checks.strings("stop_strings", stop_strings)
+        checks.callback("stream", stream)
         streams = [TextStream(tok, stop_strings) for _ in prompts]
 
         def on_tokens(new_per_row):
@@ -210,15 +232,15 @@ class Gemma:
             for row, new in enumerate(new_per_row):
                 piece = streams[row].add(new)
                 if piece and stream is not None:
-                    stream(row, piece)
+                    stream(piece)
                 if streams[row].stopped:
                     finished.append(row)
             return finished
 
         live = stream is not None or bool(stop_strings)
-        ids = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                                stream=on_tokens if live else None, hooks=hooks)
-        return [s.text if live else tok.decode(row) for s, row in zip(streams, ids)]
+        ids, logprobs = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                          return_logprobs=True, stream=on_tokens if live else None, hooks=hooks)
+        return [s.text if live else tok.decode(row) for s, row in zip(streams, ids)], logprobs
 
 
 class TextStream:
@@ -262,7 +284,7 @@ def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh
     GPU/TPU). With a mesh (see sharding.make_mesh) the params are restored straight into sharded
     arrays: each process reads only the shards its devices hold.
     """
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir).expanduser()
     attention = attention_config(attention)
     info = checkpoint.read_info(ckpt_dir)
     config = info.config
@@ -300,3 +322,13 @@ def load(ckpt_dir: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh
         from gemma_jax.tokenizer import Tokenizer
         tokenizer = Tokenizer.load(ckpt_dir / "tokenizer.model")
     return Gemma(model, tokenizer, mesh)
+
+
+def _array(value, what: str) -> np.ndarray:
+    """np.asarray, with ragged rows refused in one line instead of NumPy's error."""
+    try:
+        return np.asarray(value)
+    except ValueError:
+        lengths = [len(row) if hasattr(row, "__len__") else 1 for row in value]
+        raise GenerationError(f"{what} has rows of different lengths {lengths}: pad them to one length "
+                              "and pass attention_mask (0 at padding)") from None

@@ -8,19 +8,21 @@ seed, so both processes build bit-identical models without touching the disk.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from gemma_jax import cpuinfo
+from gemma_jax import checks, cpuinfo, errors
 from gemma_jax.config import PRESETS, GemmaConfig, SLIDING
 
 TINY_PRESET = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -43,6 +45,11 @@ class BenchSpec:
     quantize: str | None = None     # "int8": int8 weights (a float ckpt is quantized while loading)
     int8_mode: str | None = None    # "dynamic" | "weight-only" | None (the backend's default)
 
+    def __post_init__(self):        # paths as given by a user: ~ expanded
+        for name in ("ckpt", "hf_dir"):
+            if getattr(self, name):
+                object.__setattr__(self, name, os.path.expanduser(str(getattr(self, name))))
+
 
 def spec_config(spec: BenchSpec) -> GemmaConfig:
     config = _base_config(spec)
@@ -59,6 +66,70 @@ def _base_config(spec: BenchSpec) -> GemmaConfig:
         layer_types = tuple(SLIDING if i % 2 == 0 else "full_attention" for i in range(TINY_PRESET["num_hidden_layers"]))
         return dc.replace(base, layer_types=layer_types, **TINY_PRESET)
     return PRESETS[spec.preset]()
+
+
+def preflight(spec: BenchSpec, vs_hf: bool = False, outputs: dict | None = None) -> None:
+    """Refuse, in one line and before any JAX work, what would fail later: a missing checkpoint or
+    HF directory, a missing torch/transformers (vs_hf) or matplotlib (a plot), an output file
+    whose directory does not exist. `outputs` maps a flag ('--plot', '--json') to its path or None."""
+    from gemma_jax.convert import read_hf_config
+    spec_config(spec)                               # reads --ckpt's metadata: CheckpointError if unusable
+    if vs_hf:
+        checks.importable(("torch", "transformers"), "--vs-hf")
+        if spec.ckpt and not spec.hf_dir:
+            raise errors.GenerationError("--vs-hf with --ckpt needs --hf-dir (the HF directory it was converted from)")
+    if spec.hf_dir:
+        read_hf_config(Path(spec.hf_dir))           # ConfigError naming the directory or its config.json
+    for flag, path in (outputs or {}).items():
+        if path is None:
+            continue
+        if flag == "--plot":
+            checks.importable(("matplotlib",), "--plot")
+        if not Path(path).parent.is_dir():
+            raise errors.GenerationError(f"{flag} {path}: the directory {Path(path).parent} does not exist")
+
+
+# Rough figures for plan(), measured by `gemma-jax bench` (2B, float32) on the 2-core build machine.
+CPU_BANDWIDTH = 20e9        # bytes/s a decode step streams (24 GB/s measured)
+CPU_FLOPS = 100e9           # prefill (104 GFLOP/s measured)
+SYNTHETIC_PER_S = 2.5e7     # synthetic weights generated per second (111 s for 2B)
+OVERHEAD_S = (10, 20)       # per process (start, imports), per (batch, prompt length) run (19 s compiling)
+
+
+def plan(spec: BenchSpec, vs_hf: bool = False) -> str:
+    """What the run will do and roughly what it needs (memory; time on a CPU), said before it starts."""
+    import jax
+
+    from gemma_jax import cache as kv
+    from gemma_jax import sampler
+    from gemma_jax.api import DTYPES
+    from gemma_jax.convert import hf_shapes
+    config = spec_config(spec)
+    sizes = [int(np.prod(shape)) for shape in hf_shapes(config).values()]   # HF's tensors: every parameter once
+    params = sum(sizes)
+    weights = params * np.dtype(DTYPES[spec.dtype]).itemsize
+    largest = 4 * max(sizes)                                                # float32, as generated
+    runs = [(b, p, weights + kv.cache_bytes(config, b, sampler.bucket(p + spec.gen_len, 32), DTYPES[spec.dtype])
+             ["total"]) for b in spec.batch_sizes for p in spec.prompt_lens]
+    step = max(r[2] for r in runs)
+    ours = step + (1 << 28) * np.dtype(DTYPES[spec.dtype]).itemsize + (0 if spec.ckpt else 2 * largest)
+    memory = max(ours, step + largest) if vs_hf else ours    # HF runs after us, in its own process
+    what = f"checkpoint {spec.ckpt}" if spec.ckpt else f"random weights in the Gemma 2 {spec.preset} shape"
+    lines = [f"bench: {what}: {_count(params)} parameters in {spec.dtype} ({_bytes(weights)}); batch sizes "
+             f"{', '.join(map(str, spec.batch_sizes))} x prompt lengths {', '.join(map(str, spec.prompt_lens))}, "
+             f"{spec.gen_len} new tokens, best of {spec.repeats}"
+             + ("; then HF transformers on the same weights" if vs_hf else "")]
+    need = f"bench: needs about {_bytes(memory, binary=True)} of memory"
+    if jax.default_backend() == "cpu":
+        setup = OVERHEAD_S[0] + (0 if spec.ckpt else params / SYNTHETIC_PER_S)
+        work = sum(OVERHEAD_S[1] + spec.gen_len * (1 + spec.repeats) * moved / CPU_BANDWIDTH
+                   + (2 + 2 * spec.repeats) * 2 * params * b * p / CPU_FLOPS for b, p, moved in runs)
+        seconds = setup + work * (20 if spec.dtype == "bfloat16" else 1)      # XLA:CPU emulates bf16
+        seconds += (setup + 1.5 * work) if vs_hf else 0                        # HF: about 1.5x our time
+        need += f" and roughly {_duration(seconds)} on a 2-core CPU"
+    if not spec.ckpt and spec.preset != "tiny":
+        need += " (--preset tiny checks the harness in seconds)"
+    return "\n".join(lines + [need])
 
 
 def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -148,10 +219,12 @@ def jax_worker(spec: BenchSpec) -> dict:
     from gemma_jax import sampler
     out = {"side": "gemma_jax", "device": str(jax.devices()[0].platform), "dtype": spec.dtype,
            "cpu": cpuinfo.cpu_info()}
+    _progress("gemma_jax: building the model" if not spec.ckpt else f"gemma_jax: loading {spec.ckpt}")
     start = time.perf_counter()
     model = _jax_model(spec)
     out["load_s"] = time.perf_counter() - start
     out["weights"] = _weights_label(model)
+    _progress(f"gemma_jax: model ready in {_duration(out['load_s'])}; probing the memory bandwidth")
     out["bandwidth_GBps"] = bandwidth_probe(spec.dtype) / 1e9
     rng = np.random.default_rng(spec.seed)
     greedy = sampler.Sampling()
@@ -174,6 +247,7 @@ def jax_worker(spec: BenchSpec) -> dict:
         def generate(loop):
             return jax.block_until_ready(sampler.decode(model.graphdef, model.state, loop, stops, pad,
                                                         jnp.int32(spec.gen_len), sampling=greedy))
+        _progress(f"gemma_jax: batch {batch}, prompt {prompt_len}: compiling, then {spec.repeats} timed runs")
         cold = time.perf_counter()
         loop = prefill()
         prefill_cold = time.perf_counter() - cold
@@ -196,7 +270,8 @@ def jax_worker(spec: BenchSpec) -> dict:
             "ttft_s": ttft, "prefill_tok_s": batch * prompt_len / ttft,
             "decode_tok_s_per_seq": per_seq, "decode_tok_s_total": per_seq * batch,
             "bytes_per_step": moved, "roofline_tok_s": roofline, "roofline_fraction": per_seq / roofline,
-            "tokens": np.asarray(loop.tokens[:, :spec.gen_len]).tolist() if batch == 1 else None})
+            "tokens": np.asarray(loop.tokens[:, :spec.gen_len]).tolist()})
+        _progress(f"gemma_jax: batch {batch}, prompt {prompt_len}: decode {_rate(per_seq)} tok/s per sequence")
     out["peak_rss_GiB"] = peak_rss_bytes() / 2**30
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if stats:
@@ -219,7 +294,13 @@ def hf_model(spec: BenchSpec):
     import torch
     import transformers
     from transformers.initialization import no_init_weights
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(os.cpu_count())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    out = {"side": "hf_transformers", "version": transformers.__version__, "dtype": spec.dtype,
+           "threads": torch.get_num_threads()}
+    _progress("HF transformers: building the model")
+    start = time.perf_counter()
     if spec.hf_dir:
         model = transformers.Gemma2ForCausalLM.from_pretrained(spec.hf_dir, dtype=dtype, attn_implementation="eager")
     else:
@@ -254,6 +335,7 @@ def hf_worker(spec: BenchSpec) -> dict:
         kwargs = dict(max_new_tokens=spec.gen_len, min_new_tokens=spec.gen_len, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
         first = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+        _progress(f"HF transformers: batch {batch}, prompt {prompt_len}: warm-up, then {spec.repeats} timed runs")
         with torch.no_grad():
             model.generate(prompts, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
             ttft = min(_timed(lambda: model.generate(prompts, **first)) for _ in range(max(2, spec.repeats)))
@@ -264,100 +346,208 @@ def hf_worker(spec: BenchSpec) -> dict:
         out["runs"].append({"batch": batch, "prompt_len": prompt_len, "ttft_s": ttft,
                             "prefill_tok_s": batch * prompt_len / ttft,
                             "decode_tok_s_per_seq": per_seq, "decode_tok_s_total": per_seq * batch,
-                            "tokens": result["ids"][:, prompt_len:].tolist() if batch == 1 else None})
+                            "tokens": result["ids"][:, prompt_len:].tolist()})
+        _progress(f"HF transformers: batch {batch}, prompt {prompt_len}: decode {_rate(per_seq)} tok/s per sequence")
     out["peak_rss_GiB"] = peak_rss_bytes() / 2**30
     return out
 
 
 # ---------------------------------------------------------------------------- orchestration
-def _in_subprocess(side: str, spec: BenchSpec) -> dict:
-    cmd = [sys.executable, "-m", "gemma_jax.bench", side, json.dumps(dataclasses.asdict(spec))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} benchmark failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+PROGRESS = "bench: "    # a worker's stderr lines with this prefix are progress, shown as they come
+
+
+def _progress(text: str) -> None:
+    print(PROGRESS + text, file=sys.stderr, flush=True)
+
+
+def _in_subprocess(side: str, spec: BenchSpec, progress: bool) -> dict:
+    """Run one side in a fresh process; its progress lines are passed on, a GemmaError it raises
+    comes back as the same one-line error, anything else as a RuntimeError with its stderr."""
+    with tempfile.TemporaryDirectory(prefix="gemma_jax_bench_") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "gemma_jax.bench", side, json.dumps(dataclasses.asdict(spec)), str(out)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tail = collections.deque(maxlen=100)
+        for line in proc.stderr:
+            if line.startswith(PROGRESS):
+                if progress:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+            else:
+                tail.append(line)
+        proc.wait()
+        answer = json.loads(out.read_text()) if out.is_file() else None
+    name = "gemma_jax" if side == "jax" else "HF transformers"
+    if proc.returncode == 0 and answer is not None:
+        return answer
+    if answer is not None and "error" in answer:
+        raise getattr(errors, answer["type"], errors.GemmaError)(answer["error"])
+    if proc.returncode < 0:
+        raise errors.GenerationError(f"bench: the {name} process was killed by signal {-proc.returncode} "
+                                     "(out of memory? see the estimate above)")
+    raise RuntimeError(f"{name} benchmark failed:\n{''.join(tail)[-4000:]}")
 
 
 def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False, vs_float: bool = False) -> dict:
     """All figures as a dict: {'spec', 'cpu', 'gemma_jax', 'hf'?, 'ratios'?, 'float'?,
     'int8_ratios'?}. Each side runs in its own process, one after the other (so they never share
-    memory or cores). vs_float (with spec.quantize): also gemma_jax with float weights, same run."""
-    def stage(text):
-        if progress:
-            print(f"bench: {text}", file=sys.stderr, flush=True)
-    stage("gemma_jax: building the model, probing bandwidth, prefill and decode ...")
-    result = {"spec": dataclasses.asdict(spec), "cpu": cpuinfo.cpu_info(), "gemma_jax": _in_subprocess("jax", spec)}
+    memory or cores). progress: stage lines on stderr (plain lines, also when stderr is not a
+    terminal). vs_float (with spec.quantize): also gemma_jax with float weights, same run."""
+    result = {"spec": dataclasses.asdict(spec), "cpu": cpuinfo.cpu_info(),
+              "gemma_jax": _in_subprocess("jax", spec, progress)}
     if vs_float and spec.quantize:
-        stage("gemma_jax with float weights (the int8 baseline) ...")
-        result["float"] = _in_subprocess("jax", dataclasses.replace(spec, quantize=None, int8_mode=None))
+        if progress:
+            _progress("gemma_jax with float weights (the int8 baseline)")
+        result["float"] = _in_subprocess("jax", dataclasses.replace(spec, quantize=None, int8_mode=None), progress)
         result["int8_ratios"] = [{"batch": q["batch"], "prompt_len": q["prompt_len"],
                                   "decode_speedup": q["decode_tok_s_per_seq"] / f["decode_tok_s_per_seq"],
                                   "prefill_speedup": q["prefill_tok_s"] / f["prefill_tok_s"]}
                                  for q, f in zip(result["gemma_jax"]["runs"], result["float"]["runs"])]
     if vs_hf:
-        stage("HF transformers on identical weights ...")
-        result["hf"] = _in_subprocess("hf", spec)
+        result["hf"] = _in_subprocess("hf", spec, progress)
         result["ratios"] = []
         for ours, theirs in zip(result["gemma_jax"]["runs"], result["hf"]["runs"]):
+            same = [a == b for a, b in zip(ours["tokens"], theirs["tokens"])]
             result["ratios"].append({
                 "batch": ours["batch"], "prompt_len": ours["prompt_len"],
                 "decode_speedup": ours["decode_tok_s_per_seq"] / theirs["decode_tok_s_per_seq"],
                 "prefill_speedup": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
-                "same_greedy_tokens": None if ours["tokens"] is None else ours["tokens"] == theirs["tokens"]})
+                "same_greedy_tokens": all(same), "same_greedy_rows": sum(same)})
     return result
+
+
+# ------------------------------------------------------------------------------- the report
+def _count(n: int) -> str:
+    """2.61 B, 4.19 M, 181 k."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds in a unit that shows them: 45 us, 12.3 ms, 1.90 s, 50 s, 2.2 min."""
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    if seconds >= 10:
+        return f"{seconds:.0f} s"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def _bytes(n: float, binary: bool = False) -> str:
+    """Bytes in a unit that shows them: 512 kB, 10.5 GB (binary: KiB, MiB, GiB)."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
+    for unit in units:
+        if abs(n) < base * 0.9995 or unit == units[-1]:
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= base
+    raise AssertionError("unreachable")
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def emulated_bf16(side: dict) -> bool:
+    """bf16 on a CPU is emulated by XLA: compute-bound, so a bandwidth roofline says nothing."""
+    return side.get("device") == "cpu" and side.get("dtype") == "bfloat16"
+
+
+def _roofline(side: dict, r: dict) -> str:
+    if emulated_bf16(side):
+        return "no roofline (bf16 is emulated on CPU: compute-bound, not bandwidth-bound)"
+    text = f"roofline {_rate(r['roofline_tok_s'])} tok/s -> {100 * r['roofline_fraction']:.0f}%"
+    if r["roofline_fraction"] > 1:
+        text += " (over 100%: the probe under-read the bandwidth in this run)"
+    return text
 
 
 def format_report(result: dict) -> str:
     ours = result["gemma_jax"]
     lines = [cpuinfo.describe()]
-    lines += [f"gemma_jax on {ours['device']} ({ours.get('weights', ours['dtype'])}): load {ours['load_s']:.1f}s, "
-             f"measured bandwidth {ours['bandwidth_GBps']:.1f} GB/s, peak RSS {ours['peak_rss_GiB']:.2f} GiB"]
+    lines += [f"gemma_jax on {ours['device']} ({ours.get('weights', ours['dtype'])}): load {_duration(ours['load_s'])}, "
+              f"measured bandwidth {ours['bandwidth_GBps']:.3g} GB/s, "
+              f"peak RSS {_bytes(ours['peak_rss_GiB'] * 2**30, binary=True)}"]
     for r in ours["runs"]:
-        lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: compile {r['compile_s']:.1f}s, TTFT {r['ttft_s']:.2f}s, "
-                     f"prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s_per_seq']:.2f} tok/s/seq "
-                     f"({r['decode_tok_s_total']:.2f} total), {r['bytes_per_step']['total'] / 1e9:.2f} GB/step, "
-                     f"roofline {r['roofline_tok_s']:.2f} tok/s -> {100 * r['roofline_fraction']:.0f}%")
+        lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: compile {_duration(max(r['compile_s'], 0))}, "
+                     f"TTFT {_duration(r['ttft_s'])}, prefill {_rate(r['prefill_tok_s'])} tok/s, "
+                     f"decode {_rate(r['decode_tok_s_per_seq'])} tok/s/seq ({_rate(r['decode_tok_s_total'])} total), "
+                     f"{_bytes(r['bytes_per_step']['total'])}/step, {_roofline(ours, r)}")
     if "hf" in result:
         hf = result["hf"]
         lines.append(f"HF transformers {hf['version']} eager ({hf['dtype']}, {hf['threads']} threads): "
-                     f"load {hf['load_s']:.1f}s, peak RSS {hf['peak_rss_GiB']:.2f} GiB")
+                     f"load {_duration(hf['load_s'])}, peak RSS {_bytes(hf['peak_rss_GiB'] * 2**30, binary=True)}")
         for r, ratio in zip(hf["runs"], result["ratios"]):
-            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: TTFT {r['ttft_s']:.2f}s, prefill {r['prefill_tok_s']:.1f} tok/s, "
-                         f"decode {r['decode_tok_s_per_seq']:.2f} tok/s/seq -> gemma_jax is "
-                         f"{ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill"
-                         + ("" if ratio["same_greedy_tokens"] is None
-                            else f", same greedy tokens: {ratio['same_greedy_tokens']}"))
+            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: TTFT {_duration(r['ttft_s'])}, "
+                         f"prefill {_rate(r['prefill_tok_s'])} tok/s, decode {_rate(r['decode_tok_s_per_seq'])} "
+                         f"tok/s/seq -> gemma_jax is {ratio['decode_speedup']:.2f}x decode, "
+                         f"{ratio['prefill_speedup']:.2f}x prefill, same greedy tokens: "
+                         f"{ratio['same_greedy_rows']}/{r['batch']} rows")
     if "float" in result:
-        lines.append(f"gemma_jax with {result['float']['weights']} weights (same run): load "
-                     f"{result['float']['load_s']:.1f}s, peak RSS {result['float']['peak_rss_GiB']:.2f} GiB")
-        for r, ratio in zip(result["float"]["runs"], result["int8_ratios"]):
-            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: prefill {r['prefill_tok_s']:.1f} tok/s, "
-                         f"decode {r['decode_tok_s_per_seq']:.2f} tok/s/seq -> {ours['weights']} is "
+        flt = result["float"]
+        lines.append(f"gemma_jax with {flt['weights']} weights (same run): load {_duration(flt['load_s'])}, "
+                     f"peak RSS {_bytes(flt['peak_rss_GiB'] * 2**30, binary=True)}")
+        for r, ratio in zip(flt["runs"], result["int8_ratios"]):
+            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: prefill {_rate(r['prefill_tok_s'])} tok/s, "
+                         f"decode {_rate(r['decode_tok_s_per_seq'])} tok/s/seq -> {ours['weights']} is "
                          f"{ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-    """Decode tokens/s (aggregate) against batch size, both sides."""
+def model_name(spec: dict) -> str:
+    """The checkpoint's directory name, or the preset's shape."""
+    if spec.get("ckpt"):
+        return Path(spec["ckpt"]).name or str(spec["ckpt"])
+    return f"Gemma 2 {spec['preset']} shape, random weights"
+
+
+def plot(result: dict, path: str):
+    """Decode tokens/s (all sequences) against batch size: one line per side and prompt length.
+    Returns the matplotlib Figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("gemma_jax", "gemma_jax"), ("hf", "HF transformers (eager)")):
-        if key in result:
-            runs = result[key]["runs"]
-            ax.plot([r["batch"] for r in runs], [r["decode_tok_s_total"] for r in runs], "o-", label=label)
-    spec = result["spec"]
-    ax.set(xscale="log", xlabel="batch size", ylabel="decode tokens/s (all sequences)",
-           title=f"Gemma 2 {spec['preset']} {spec['dtype']} decode")
-    ax.legend()
+    from matplotlib.ticker import NullLocator
+    spec, ours = result["spec"], result["gemma_jax"]
+    prompt_lens = sorted({r["prompt_len"] for r in ours["runs"]})
+    batches = sorted({r["batch"] for r in ours["runs"]})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for side, (key, label, style) in enumerate((("gemma_jax", "gemma_jax", "o-"),
+                                                ("hf", "HF transformers (eager)", "s--"))):
+        if key not in result:
+            continue
+        for i, plen in enumerate(prompt_lens):
+            points = sorted((r["batch"], r["decode_tok_s_total"]) for r in result[key]["runs"]
+                            if r["prompt_len"] == plen)
+            ax.plot(*zip(*points), style, color=colors[(side * len(prompt_lens) + i) % len(colors)],
+                    label=label + (f", prompt {plen}" if len(prompt_lens) > 1 else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="batch size", ylabel="decode tokens/s (all sequences)")
+    ax.set_title(f"{model_name(spec)}: {spec['dtype']} decode on {ours['device']}"
+                 + (f", prompt {prompt_lens[0]}" if len(prompt_lens) == 1 else ""), fontsize=10)
+    if emulated_bf16(ours):
+        fig.text(0.01, 0.01, "bf16 on CPU is emulated (compute-bound): use float32 on CPUs", fontsize=7)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":
-    side, payload = sys.argv[1], json.loads(sys.argv[2])
+    side, payload, out_path = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     payload["batch_sizes"], payload["prompt_lens"] = tuple(payload["batch_sizes"]), tuple(payload["prompt_lens"])
     spec = BenchSpec(**payload)
-    figures = jax_worker(spec) if side == "jax" else hf_worker(spec)
-    print(json.dumps(figures))
+    try:
+        figures = jax_worker(spec) if side == "jax" else hf_worker(spec)
+    except errors.GemmaError as e:      # a refused input: one line in the parent
+        out_path.write_text(json.dumps({"error": str(e), "type": type(e).__name__}))
+        sys.exit(2)
+    out_path.write_text(json.dumps(figures))

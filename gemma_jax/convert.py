@@ -241,7 +241,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, f
     vocabulary entry); the norms stay in dtype. `progress(iterable, total)` wraps the tensor loop
     (a progress bar). The output appears only when complete.
     """
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
     _check_dtype(dtype)
     if quantize not in (None, *quant.METHODS):
         raise CheckpointError(f"quantize {quantize!r} is not supported (choose {', '.join(quant.METHODS)})")

@@ -33,10 +33,16 @@ def fingerprint() -> str:
 
 
 def checkpoint_dir(progress=None) -> Path:
-    """The converted default model, converting it on first use."""
+    """The converted default model's directory, converting it on first use (a second or two)."""
     from gemma_jax.convert import convert
     out = cache_root() / f"default-{fingerprint()}"
     if not (out / "gemma_config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(HF_DIR, out, force=True, progress=progress)
     return out
+
+
+def load_default(dtype: str = "float32"):
+    """The built-in default model, loaded (converted on first use): `gemma_jax.load_default()`."""
+    from gemma_jax.api import load
+    return load(checkpoint_dir(), dtype=dtype)

@@ -21,5 +21,9 @@ class GenerationError(GemmaError):
     """Generation arguments or prompts that cannot be honoured."""
 
 
+class DependencyError(GemmaError):
+    """An optional package that a command needs (torch, transformers, matplotlib) is not installed."""
+
+
 class GemmaWarning(UserWarning):
     """Something accepted but worth a loud note (e.g. float16 weights converted to float32)."""

@@ -104,5 +104,16 @@ class Hooks:
     def __call__(self, name: str, value: jax.Array) -> jax.Array:
         for site, fn in self.table:
             if site == name:
-                value = fn(value)
+                value = _checked(site, value, fn(value))
         return value
+
+
+def _checked(site: str, value: jax.Array, out) -> jax.Array:
+    """A hook's result must look like its input (checked while tracing: no cost at run time).
+    Shapes are those of the traced call: generation pads T to a compile bucket."""
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != value.shape or dtype != value.dtype:
+        got = f"{dtype}{list(shape)}" if shape is not None and dtype is not None else type(out).__name__
+        raise GenerationError(f"the hook at {site} returned {got}, expected {value.dtype}{list(value.shape)} "
+                              "(the shape and dtype it was given)")
+    return out

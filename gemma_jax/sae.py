@@ -33,7 +33,7 @@ class JumpReLUSAE:
     @classmethod
     def load(cls, path: str | Path) -> JumpReLUSAE:
         """From a Gemma Scope `params.npz`."""
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise CheckpointError(f"{path}: no such SAE file")
         try:

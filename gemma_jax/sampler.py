@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax import cache as kv
-from gemma_jax.errors import GenerationError
+from gemma_jax import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +36,10 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
 
-    def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
-            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
-                                       or self.top_k < 1):
-            raise GenerationError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    def __post_init__(self):  # checked, and stored as plain Python numbers (NumPy scalars accepted)
+        object.__setattr__(self, "temperature", checks.number("temperature", self.temperature))
+        object.__setattr__(self, "top_k", checks.integer("top_k", self.top_k, minimum=1, optional=True))
+        object.__setattr__(self, "top_p", checks.probability("top_p", self.top_p, optional=True))
 
     @property
     def greedy(self) -> bool:

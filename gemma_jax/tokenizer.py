@@ -39,7 +39,8 @@ def _chat_turns(messages: object, fold_system: bool) -> list[tuple[str, str]]:
             if i != 0 or not fold_system:
                 raise TokenizerError(
                     f"chat message {i}: the 'system' role is not supported by the Gemma 2 template"
-                    + ("" if i else " (pass fold_system=True to prepend it to the first user turn)")
+                    + ("" if i else " (to prepend it to the first user turn: fold_system=True in Gemma.chat or "
+                                    "Tokenizer.encode_chat, system= in ChatSession, --system on the command line)")
                 )
             turns.append(("system", content))
             continue
@@ -92,7 +93,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Loads a `tokenizer.model` file (or a directory holding one)."""
-        path = os.fspath(path)
+        path = os.path.expanduser(os.fspath(path))
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(path):

@@ -7,7 +7,8 @@ library, converted once into the cache); --random builds a tiny random Gemma 2 w
 tests/hf_oracle.py instead (needs the test extra). Steps:
 run_with_cache, logit lens, direct logit attribution, an attention-pattern heatmap (PNG), a
 patching sweep checked against attribution patching, and an SAE splice (a synthetic SAE written
-as a Gemma Scope-style params.npz unless --sae is given).
+as a Gemma Scope-style params.npz unless --sae is given). The default prompt (199 tokens) is longer
+than the default model's sliding window (128), so the heatmap shows the window.
 """
 
 from __future__ import annotations
@@ -62,16 +63,43 @@ def png_bytes(rgb: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def pattern_grid(patterns: np.ndarray, masked: np.ndarray, cell: int = 12, gap: int = 6) -> np.ndarray:
+MASKED_GREY = (225, 225, 225)
+PROMPT = '''class Inventory:
+    """Items kept by name, with a count for each."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, name, count=1):
+        if count < 0:
+            raise ValueError("count must not be negative")
+        self.counts[name] = self.counts.get(name, 0) + count
+
+    def remove(self, name, count=1):
+        if self.counts.get(name, 0) < count:
+            raise KeyError(name)
+        self.counts[name] -= count
+        if not self.counts[name]:
+            del self.counts[name]
+
+    def __len__(self):
+        return len(self.counts)
+
+    def __repr__(self):
+        return'''
+
+
+def pattern_grid(patterns: np.ndarray, masked: np.ndarray, cell: int | None = None, gap: int = 6) -> np.ndarray:
     """patterns, masked [R, N, T, S] -> RGB image: one row per layer, one tile per head; masked
-    (invisible) keys light grey, visible keys coloured by probability."""
+    (invisible) keys light grey, visible keys coloured by probability. Tiles about 400 px wide."""
     r, n, t, s = patterns.shape
+    cell = cell or max(1, 400 // max(t, s))
     tile_h, tile_w = t * cell, s * cell
     img = np.full((r * tile_h + (r + 1) * gap, n * tile_w + (n + 1) * gap, 3), 255, np.uint8)
     for row in range(r):
         for head in range(n):
             tile = colormap(patterns[row, head])
-            tile[masked[row, head]] = (225, 225, 225)
+            tile[masked[row, head]] = MASKED_GREY
             tile = tile.repeat(cell, 0).repeat(cell, 1)
             y, x = gap + row * (tile_h + gap), gap + head * (tile_w + gap)
             img[y:y + tile_h, x:x + tile_w] = tile
@@ -87,11 +115,13 @@ def save_heatmap(path: Path, patterns, masked, layers) -> str:
         path.write_bytes(png_bytes(pattern_grid(patterns, masked)))
         return "pure-NumPy PNG writer (matplotlib not installed)"
     r, n = patterns.shape[:2]
+    cmap = plt.get_cmap("viridis").with_extremes(bad=np.array(MASKED_GREY) / 255)   # masked keys: the grey of the legend
     fig, axes = plt.subplots(r, n, figsize=(2.2 * n, 2.2 * r), squeeze=False)
     for row in range(r):
         for head in range(n):
             ax = axes[row, head]
-            ax.imshow(np.ma.masked_where(masked[row, head], patterns[row, head]), vmin=0, vmax=1, cmap="viridis")
+            ax.imshow(np.ma.masked_where(masked[row, head], patterns[row, head]), vmin=0, vmax=1, cmap=cmap,
+                      interpolation="nearest")
             ax.set_title(f"L{layers[row]} H{head}", fontsize=8)
             ax.set_xticks([]), ax.set_yticks([])
     fig.supxlabel("key position"), fig.supylabel("query position")
@@ -122,8 +152,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="a converted gemma_jax checkpoint directory (default: the built-in model)")
     ap.add_argument("--random", action="store_true", help="use a tiny random model instead of the built-in one")
-    ap.add_argument("--prompt", default="    def __init__(self, name):\n        self.name = name\n\n    def __repr__(self):\n        return",
-                    help="text (when the checkpoint has tokenizer.model)")
+    ap.add_argument("--prompt", default=PROMPT, help="text (when the checkpoint has tokenizer.model); default: "
+                    "a 199-token class, longer than the default model's sliding window")
     ap.add_argument("--out", help="directory for the PNG and the synthetic SAE (default: a temp dir)")
     ap.add_argument("--sae", help="a Gemma Scope params.npz (default: a synthetic SAE)")
     ap.add_argument("--sae-kind", default="res", choices=sorted(saelib.SITES))
@@ -131,7 +161,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep-sites", default="blocks.*.hook_resid_pre", help="site pattern for the patching sweep")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    out = Path(args.out or tempfile.mkdtemp(prefix="gemma_jax_interp_"))
+    out = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="gemma_jax_interp_"))
     out.mkdir(parents=True, exist_ok=True)
 
     if args.ckpt is None and not args.random:
@@ -143,7 +173,7 @@ def main(argv=None) -> None:
               "the numbers below exercise the tools, they mean nothing about language")
         ckpt = build_tiny(out)
     else:
-        ckpt = Path(args.ckpt)
+        ckpt = Path(args.ckpt).expanduser()
     model = gemma_jax.load(ckpt, dtype="float32")
     cfg = model.config
     tok = model.tokenizer
@@ -196,7 +226,11 @@ def main(argv=None) -> None:
           f"one row per layer, one tile per head (query down, key across, grey = masked): {png} via {how}")
 
     # 5. patching sweep: corrupt one position, patch clean activations back one (site, position) at a time
-    pos = t // 3
+    # the position to corrupt: of the last 12 tokens, the one whose change lowers the top logit most
+    candidates = np.arange(max(0, t - 13), t - 1)
+    variants = np.repeat(ids, len(candidates), 0)
+    variants[np.arange(len(candidates)), candidates] = (ids[0, candidates] + 1) % cfg.vocab_size
+    pos = int(candidates[np.argmax(logits[0, -1, top] - model.logits(variants)[:, -1, top])])
     corrupt = ids.copy()
     corrupt[0, pos] = (ids[0, pos] + 1) % cfg.vocab_size
     corrupt_logits = model.logits(corrupt)
@@ -208,11 +242,14 @@ def main(argv=None) -> None:
     sites, sweep = interp.patching_sweep(model, ids, corrupt, args.sweep_sites, metric)
     attr = interp.attribution_patching(model, ids, corrupt, sites, metric)
     recovered = (sweep - corrupt_m) / (clean_m - corrupt_m)
+    shown_pos = np.flatnonzero(np.abs(recovered).max(0) >= 0.005)
+    shown_pos = np.sort(shown_pos[np.argsort(-np.abs(recovered[:, shown_pos]).max(0))][:12])   # the 12 largest
     print(f"[5] patching sweep over {args.sweep_sites}: token {pos} corrupted; metric = logit({label(top)!r}) - "
           f"logit({label(other)!r}): clean {clean_m:.3f}, corrupt {corrupt_m:.3f}. Fraction recovered "
-          f"(rows: sites, columns: positions; '.' = |x| < 0.005):")
+          f"(rows: sites; columns: the positions of largest effect, at most 12; '.' = |x| < 0.005):")
+    print(f"      {'position':<26}" + " ".join(f"{p:>5d}" for p in shown_pos))
     for name, row in zip(sites, recovered):
-        print(f"      {name:<26}" + " ".join("    ." if abs(v) < 0.005 else f"{v:+5.2f}" for v in row))
+        print(f"      {name:<26}" + " ".join("    ." if abs(v) < 0.005 else f"{v:+5.2f}" for v in row[shown_pos]))
     est = np.stack([attr[n][0] for n in sites])
     effect = sweep - corrupt_m
     live = np.abs(effect) > 1e-6
@@ -229,7 +266,7 @@ def main(argv=None) -> None:
         sae_path = synthetic_sae(x, out / "params.npz")
         print(f"[6] SAE: synthetic, Gemma Scope layout, written to {sae_path}")
     else:
-        sae_path = Path(args.sae)
+        sae_path = Path(args.sae).expanduser()
         print(f"[6] SAE: {sae_path}")
     sae = saelib.JumpReLUSAE.load(sae_path)
     spliced, stats = saelib.splice(model, ids, sae, site)

@@ -94,7 +94,7 @@ def test_fast_and_orbax_restore_agree(tmp_path, stored, loaded):
 def test_loaded_params_are_page_aligned_on_cpu(tmp_path):
     """On CPU the fast path hands its buffers to XLA without a copy (what keeps loading near read speed)."""
     if jax.default_backend() != "cpu":
-        pytest.skip("zero-copy adoption is a CPU property")
+        pytest.skip("needs the CPU backend (zero-copy adoption is a CPU property)")
     save(hf_model(seed=10), tmp_path / "hf")
     gemma_jax.convert(tmp_path / "hf", tmp_path / "ckpt")
     model = gemma_jax.load(tmp_path / "ckpt")

@@ -105,3 +105,40 @@ def test_interp_demo_runs_on_the_default_model(converted, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "built-in default model" in proc.stdout
     assert (tmp_path / "attention_patterns.png").stat().st_size > 1000
+
+
+def test_readme_python_block_runs_as_written(converted, capsys, monkeypatch):
+    """README's Python example, executed as written on the default model: its streamed line is
+    the returned text, printed as one continuous piece."""
+    import re
+    from pathlib import Path
+    monkeypatch.setenv("XDG_CACHE_HOME", str(converted.parent.parent))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"From Python[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "load_default()" in block
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    out = capsys.readouterr().out
+    assert out == scope["text"] and len(out) > 20
+    assert scope["logits"].shape[:2] == (1, len(scope["ids"])) and len(scope["batch"]) == 2
+    assert isinstance(scope["reply"], str)
+    assert scope["acts"]["blocks.0.hook_resid_post"].shape == (1, len(scope["ids"]), 256)
+
+
+def test_chat_with_its_defaults_goes_on_as_the_context_fills(converted, capsys, monkeypatch):
+    """`gemma-jax chat` on the default model (1024 positions, 256 tokens a reply by default): the
+    second turn and later ones are answered; once the context nears its end, replies are shortened
+    (said once), and a message with no room left is refused with /reset as the way on."""
+    import io
+    import sys
+    monkeypatch.setenv("XDG_CACHE_HOME", str(converted.parent.parent))
+    turns = ["import os", "class Config:", "def main():", "x = 1", "print(x)", "return"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
+    assert cli.main(["--no-compile-cache", "chat"]) == 0
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    warnings = [line for line in err.splitlines() if line.startswith("gemma-jax: warning: ")]
+    assert out.count("model> ") + len(errors) == len(turns) and out.count("model> ") >= 4
+    assert all("no room for a reply" in e and "/reset" in e for e in errors)
+    assert len(warnings) <= 1 and (warnings or not errors)
+    assert all("replies are now shortened to the room left" in w for w in warnings)

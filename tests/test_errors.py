@@ -35,8 +35,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gemma_jax
-from gemma_jax import checkpoint
-from gemma_jax.errors import (CheckpointError, ConfigError, GemmaError, GemmaWarning, GenerationError,
+from gemma_jax import checkpoint, cli, interp
+from gemma_jax.chat import ChatSession
+from gemma_jax.errors import (CheckpointError, ConfigError, DependencyError, GemmaError, GemmaWarning, GenerationError,
                               TokenizerError)
 from gemma_jax.sampler import Sampling
 from hf_oracle import hf_model, save
@@ -197,6 +198,7 @@ SECTIONS = {
     "out": "Converting: the output directory",
     "load": "Loading a checkpoint",
     "generate": "Generating",
+    "cli": "The command line (checked before a model is loaded or run)",
 }
 
 
@@ -882,7 +884,7 @@ def load_meta_quant_format(t):
 
 # ---------------------------------------------------------------- generating
 @case("generate", "prompt + max_new_tokens > max_position_embeddings", GenerationError,
-      "prompt 0: 60 tokens + max_new_tokens 10", f"max_position_embeddings {CONTEXT}")
+      "prompt: 60 tokens + max_new_tokens 10", f"max_position_embeddings {CONTEXT}")
 def gen_too_long(t):
     t.base.model.generate_ids([[2] * 60], max_new_tokens=10)
 
@@ -991,6 +993,171 @@ def text_too_long(t):
     t.base.chat_model.generate("hello world", max_new_tokens=62)
 
 
+@case("generate", "max_new_tokens a bool", GenerationError, "max_new_tokens must be an integer >= 0, got True")
+def gen_max_new_bool(t):
+    t.base.model.generate_ids([[2]], max_new_tokens=True)
+
+
+@case("generate", "stop_ids a single int", GenerationError, "stop_ids must be a list of token ids, got 6",
+      "write [6]")
+def gen_stop_ids_int(t):
+    t.base.model.generate_ids([[2, 3]], max_new_tokens=4, stop_ids=6)
+
+
+@case("generate", "stop id outside the vocabulary", GenerationError, f"stop_ids: token id {VOCAB}",
+      f"[0, {VOCAB})")
+def gen_stop_ids_outside(t):
+    t.base.model.generate_ids([[2, 3]], max_new_tokens=4, stop_ids=[1, VOCAB])
+
+
+@case("generate", "seed None", GenerationError, "seed must be an integer in [0, 4294967295], got None")
+def gen_seed_none(t):
+    t.base.model.generate_ids([[2, 3]], max_new_tokens=4, temperature=1.0, seed=None)
+
+
+@case("generate", "a flat list of ids (generate_ids)", GenerationError, "list of token-id lists",
+      "flat list of ids", "[[2, 651, ...]]")
+def gen_flat_prompt(t):
+    t.base.model.generate_ids([2, 3, 4], max_new_tokens=4)
+
+
+@case("generate", "rows of different lengths (logits)", GenerationError,
+      "token_ids has rows of different lengths [3, 2]", "attention_mask")
+def gen_logits_ragged(t):
+    t.base.model.logits([[2, 3, 4], [2, 3]])
+
+
+@case("generate", "a hook that returns the wrong shape", GenerationError,
+      "the hook at blocks.0.hook_resid_post returned float32[1, 1, 32], expected float32[1, 16, 32]")
+def gen_hook_shape(t):
+    t.base.model.generate_ids([[2, 3, 4]], max_new_tokens=2, hooks={"blocks.0.hook_resid_post": lambda x: x[:, :1]})
+
+
+@case("generate", "a hook that returns another dtype", GenerationError,
+      "the hook at blocks.1.attn.hook_z returned bfloat16[1, 3, 64], expected float32[1, 3, 64]")
+def gen_hook_dtype(t):
+    import jax.numpy as jnp
+    interp.run_with_hooks(t.base.model, [[2, 3, 4]], {"blocks.1.attn.hook_z": lambda z: z.astype(jnp.bfloat16)})
+
+
+@case("generate", "stop_strings not text", GenerationError, "stop_strings must be a string or a list of strings, "
+      "got 5", tokenizer=True)
+def gen_stop_strings_int(t):
+    t.base.chat_model.generate("hi", max_new_tokens=4, stop_strings=5)
+
+
+@case("generate", "stream with a batch of prompts (generate)", GenerationError, "stream(piece) follows one prompt",
+      "generate_ids(stream=...)", tokenizer=True)
+def gen_stream_batch(t):
+    t.base.chat_model.generate(["hi", "there"], max_new_tokens=4, stream=print)
+
+
+@case("generate", "chat with a system message (no fold_system)", TokenizerError,
+      "the 'system' role is not supported", "fold_system=True in Gemma.chat", "system= in ChatSession",
+      tokenizer=True)
+def chat_system(t):
+    t.base.chat_model.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                           max_new_tokens=4)
+
+
+@case("generate", "chat session message that leaves no room for a reply", GenerationError,
+      "leaves no room for a reply", f"max_position_embeddings {CONTEXT}", "/reset", tokenizer=True)
+def chat_session_full(t):
+    ChatSession(t.base.chat_model, max_new_tokens=4).send("hello " * CONTEXT)
+
+
+# ---------------------------------------------------------------- the command line
+def _cli(*argv):
+    """Run the CLI with --debug, which raises the GemmaError that it would print as one line."""
+    cli.main(["--debug", "--no-compile-cache", *map(str, argv)])
+
+
+def _without(t, module: str) -> None:
+    """Make `module` look uninstalled to the CLI's up-front dependency checks."""
+    import importlib.util
+    real = importlib.util.find_spec
+    t.mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+
+
+@case("cli", "bench --ckpt that does not exist", CheckpointError, "TMP/nope: no such checkpoint directory")
+def cli_bench_no_ckpt(t):
+    _cli("bench", "--ckpt", t.tmp / "nope")
+
+
+@case("cli", "bench --hf-dir that does not exist", ConfigError, "TMP/nope: no such directory")
+def cli_bench_no_hf_dir(t):
+    _cli("bench", "--preset", "tiny", "--vs-hf", "--hf-dir", t.tmp / "nope")
+
+
+@case("cli", "bench --vs-hf --ckpt without --hf-dir", GenerationError, "--vs-hf with --ckpt needs --hf-dir")
+def cli_bench_vs_hf_no_hf_dir(t):
+    _cli("bench", "--vs-hf", "--ckpt", t.base.ckpt)
+
+
+@case("cli", "bench --vs-hf without torch", DependencyError,
+      "--vs-hf needs torch, which is not installed (pip install 'gemma_jax[test]')")
+def cli_bench_no_torch(t):
+    _without(t, "torch")
+    _cli("bench", "--preset", "tiny", "--vs-hf")
+
+
+@case("cli", "bench --plot without matplotlib", DependencyError,
+      "--plot needs matplotlib, which is not installed")
+def cli_bench_no_matplotlib(t):
+    _without(t, "matplotlib")
+    _cli("bench", "--preset", "tiny", "--plot", t.tmp / "b.png")
+
+
+@case("cli", "bench --json into a directory that does not exist", GenerationError,
+      "--json TMP/missing/b.json: the directory TMP/missing does not exist")
+def cli_bench_json_dir(t):
+    _cli("bench", "--preset", "tiny", "--json", t.tmp / "missing" / "b.json")
+
+
+@case("cli", "bench --batch that is not a list of integers", GenerationError,
+      "--batch and --prompt-len take comma-separated integers")
+def cli_bench_batch(t):
+    _cli("bench", "--batch", "1,x")
+
+
+@case("cli", "generate on a checkpoint without tokenizer.model", TokenizerError,
+      "CKPT has no tokenizer.model, so it cannot read or write text")
+def cli_generate_no_tokenizer(t):
+    _cli("generate", "--ckpt", t.ckpt(), "--prompt", "hi")
+
+
+@case("cli", "generate --max-new-tokens -1", GenerationError, "--max-new-tokens must be an integer >= 0, got -1")
+def cli_generate_max_new(t):
+    _cli("generate", "--ckpt", t.base.ckpt, "--prompt", "hi", "--max-new-tokens", "-1")
+
+
+@case("cli", "generate --seed -1", GenerationError, "--seed must be an integer in [0, 4294967295], got -1")
+def cli_generate_seed(t):
+    _cli("generate", "--ckpt", t.base.ckpt, "--prompt", "hi", "--temperature", "1", "--seed", "-1")
+
+
+@case("cli", "generate --system without --chat", GenerationError, "--system needs --chat")
+def cli_generate_system(t):
+    _cli("generate", "--ckpt", t.base.ckpt, "--prompt", "hi", "--system", "be brief")
+
+
+@case("cli", "generate: prompt + --max-new-tokens > max_position_embeddings", GenerationError,
+      "--prompt: 2 tokens + --max-new-tokens 100 exceeds", f"max_position_embeddings {CONTEXT}", tokenizer=True)
+def cli_generate_too_long(t):
+    _cli("generate", "--ckpt", t.base.chat_ckpt, "--prompt", "hello", "--max-new-tokens", "100")
+
+
+@case("cli", "parity --hf that does not exist", ConfigError, "TMP/nope: no such directory")
+def cli_parity_no_hf(t):
+    _cli("parity", "--hf", t.tmp / "nope")
+
+
+@case("cli", "parity without transformers", DependencyError, "parity needs transformers, which is not installed")
+def cli_parity_no_transformers(t):
+    _without(t, "transformers")
+    _cli("parity", "--hf", t.hf())
+
+
 # ----------------------------------------------------------------------------------------- running
 RESULTS: dict[str, str] = {}   # case name -> scrubbed message, filled by test_refused
 
@@ -1023,7 +1190,8 @@ def test_refused(c: Case, tmp_path, base):
 
 
 def test_every_error_class_has_a_case():
-    assert {c.error for c in CASES} == {ConfigError, CheckpointError, TokenizerError, GenerationError}
+    assert {c.error for c in CASES} == {ConfigError, CheckpointError, TokenizerError, GenerationError,
+                                        DependencyError}
     assert len({c.what for c in CASES}) == len(CASES), "two cases with the same description"
 
 
@@ -1052,6 +1220,7 @@ naming the file, tensor, argument or limit at fault:
 output directory that cannot be written |
 | `TokenizerError` | a tokenizer file that cannot be used, or a chat that cannot be rendered |
 | `GenerationError` | generation arguments or prompts that cannot be honoured |
+| `DependencyError` | an optional package a command needs (torch, transformers, matplotlib) that is not installed |
 
 The command line prints `gemma-jax: error: <message>` on stderr (one line, no traceback) and exits
 with status 2; `gemma-jax --debug ...` raises the exception instead. Command-line usage mistakes
@@ -1086,7 +1255,7 @@ def test_errors_doc_is_current(base, tmp_path_factory):
             prefix = f"| {_cell(c.what)} | `{c.error.__name__}` | `"
             row = next((line for line in current.splitlines() if line.startswith(prefix)), None)
             if row is None or os.environ.get(UPDATE_ENV):
-                pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR to render every row")
+                pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model) to render every row")
             messages[c.name] = row[len(prefix):-3].replace("\\|", "|")
         else:
             messages[c.name] = run_case(c, tmp_path_factory.mktemp(c.name), base)

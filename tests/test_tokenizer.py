@@ -120,10 +120,11 @@ CONVERSATIONS = _conversations()
 def tokenizer_dir() -> str:
     d = os.environ.get("GEMMA_JAX_TOKENIZER_DIR")
     if not d:
-        pytest.skip("GEMMA_JAX_TOKENIZER_DIR not set: real Gemma 2 tokenizer fixture unavailable")
+        pytest.skip("needs GEMMA_JAX_TOKENIZER_DIR (the real Gemma 2 tokenizer.model)")
     needed = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
     if not all(os.path.isfile(os.path.join(d, f)) for f in needed):
-        pytest.skip(f"GEMMA_JAX_TOKENIZER_DIR={d} lacks one of {needed}: fixture unavailable")
+        pytest.skip(f"needs GEMMA_JAX_TOKENIZER_DIR with {', '.join(needed)} (the real Gemma 2 tokenizer; "
+                    f"{d} lacks one)")
     return d
 
 
@@ -134,7 +135,7 @@ def tok(tokenizer_dir) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf(tokenizer_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
     return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
@@ -158,7 +159,7 @@ def _hf_comparable(s: str) -> bool:
 
 def test_hf_loads_tokenizer_json(tokenizer_dir, hf):
     """Guard: HF must be reading tokenizer.json (its .model import mishandles tab runs)."""
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = pytest.importorskip("tokenizers", reason="needs tokenizers (the test extra)")
     raw = tokenizers.Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
     text = "\t\t\tdef f():\n\t\t\t\treturn 1" + "\t" * 33
     expected = raw.encode(text, add_special_tokens=False).ids
