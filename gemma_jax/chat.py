@@ -63,6 +63,9 @@ class ChatSession:
             self.model.graphdef, self.model.state, self.cache, [chunk], [start], self.max_new_tokens,
             self.sampling, self.seed + self.turns, self.stop_ids, config.pad_token_id, fresh=start == 0,
             stream=on_tokens)
+        rest = text_stream.flush()  # an incomplete last character, held back while generating
+        if rest and stream is not None:
+            stream(rest)
         reply = result.tokens[0]
         self.history += turn + reply + [self.end_of_turn] + self.newline
         self.turns += 1
