@@ -49,9 +49,15 @@ class EngineConfig:
     prefill_chunk: int = 256    # prompt tokens per prefill call (a power of two >= 16)
     decode_steps: int = 8       # tokens per row per decode call (host round trip)
     max_stop_ids: int = 8       # stop ids per request
+    # Decode runs over a power-of-two bucket of slots holding every live row, at least this many.
+    # 2 (the default) keeps every decode a multi-row matrix product, whose rows XLA:CPU computes
+    # bit for bit alike at any row count; 1 lets a lone request use the faster one-row product, at
+    # the price of last-bit differences between a request alone and under load.
+    min_decode_batch: int = 2
 
     def __post_init__(self):
-        for name in ("max_batch", "max_length", "max_queue", "prefill_chunk", "decode_steps", "max_stop_ids"):
+        for name in ("max_batch", "max_length", "max_queue", "prefill_chunk", "decode_steps", "max_stop_ids",
+                     "min_decode_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queue" else 1):
                 raise GenerationError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1}, got {value!r}")
@@ -64,6 +70,7 @@ class Handle:
 
     def __init__(self, engine: Engine, request: Request):
         self.engine, self.request, self.id = engine, request, request.id
+        self.slot: int | None = None   # the decode slot, once admitted
 
     def cancel(self) -> None:
         self.engine._cancel(self)
@@ -117,6 +124,7 @@ class Engine:
         self.decode_calls = 0
         self.prefill_calls = 0
         self.device = None
+        self.buckets = steps.decode_buckets(config.max_batch, config.min_decode_batch)
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, warmup: bool = True) -> Engine:
@@ -133,10 +141,12 @@ class Engine:
         return self
 
     def _warmup(self) -> None:
+        """Compile the decode program of every row bucket and the prefill of the smallest prompt."""
         self._prefill_call(0, [self.model.config.bos_token_id], 0, True, steps.arm(
             1, [], self.config.max_stop_ids, 0, sampler.Sampling(), sampler.row_keys(0, 1)[0]))
-        self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(1),
-                                        buffer=self.config.decode_steps)
+        for rows in self.buckets:
+            self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(1),
+                                            buffer=self.config.decode_steps, rows=rows)
         jax.block_until_ready(out)
 
     def drain(self) -> None:
@@ -341,7 +351,7 @@ class Engine:
                     if not self._queue or None not in self._slots or self.state == STOPPED:
                         return
                     live = self._queue.popleft()
-                    live.slot = self._slots.index(None)
+                    live.slot = live.handle.slot = self._slots.index(None)
                     live.admitted = time.monotonic()
                     self._slots[live.slot] = live
                     self._prefilling = live
@@ -385,14 +395,17 @@ class Engine:
 
     def _decode_once(self) -> None:
         n = self.config.decode_steps
-        self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(n), buffer=n)
+        live = max(slot for slot, x in enumerate(self._slots) if x is not None and x.first_token is not None) + 1
+        rows = next(b for b in self.buckets if b >= live)
+        self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(n), buffer=n,
+                                        rows=rows)
         ids, lps, top_ids, top_lps = jax.device_get(out)
         now = time.monotonic()
         self.decode_calls += 1
         with self.metrics.lock:
             self.metrics.decode_calls.inc()
         with self._cv:
-            for slot, live in enumerate(self._slots):
+            for slot, live in enumerate(self._slots[:rows]):
                 if live is None or live.first_token is None or live.finished:
                     continue
                 made = int((ids[slot] >= 0).sum())

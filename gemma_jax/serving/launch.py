@@ -38,8 +38,8 @@ class ModelSource:
             from gemma_jax.checkpoint import read_meta
             read_meta(Path(self.ckpt))
 
-    def load(self):
-        """The Gemma model, with a tokenizer."""
+    def load_weights(self):
+        """The Gemma model (with the checkpoint's tokenizer or --tokenizer, if any)."""
         from gemma_jax import api
         if self.preset:
             from gemma_jax import bench
@@ -50,6 +50,11 @@ class ModelSource:
         if self.tokenizer:
             from gemma_jax.tokenizer import Tokenizer
             model.tokenizer = Tokenizer.load(self.tokenizer)
+        return model
+
+    def load(self):
+        """The Gemma model, with a tokenizer (the server needs one)."""
+        model = self.load_weights()
         if model.tokenizer is None:
             raise TokenizerError(f"{self.ckpt}: no tokenizer.model; pass --tokenizer PATH")
         if model.tokenizer.vocab_size > model.config.vocab_size:

@@ -261,6 +261,11 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def _url(server: uvicorn.Server, options: ServeOptions) -> str:
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else options.port
+    return f"http://{options.host}:{port}"
+
+
 def serve(load: Callable[[], tuple[Any, ModelInfo]], options: ServeOptions = ServeOptions(),
           metrics: Metrics | None = None, out=sys.stdout) -> None:
     """Serve until SIGTERM. `load()` builds (engine, info) in a background thread while the server
@@ -282,9 +287,16 @@ def serve(load: Callable[[], tuple[Any, ModelInfo]], options: ServeOptions = Ser
         while not server.started and not server.should_exit:
             time.sleep(0.01)
         if server.started:
-            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else options.port
-            print(f"serving {options.name} on http://{options.host}:{port}", file=out, flush=True)
+            print(f"serving {options.name} on {_url(server, options)}", file=out, flush=True)
 
+    def announce():   # as soon as the socket listens, while the model may still be loading
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        if server.started and backend.engine is None:
+            print(f"gemma-jax: listening on {_url(server, options)}; loading the model (requests get 503 until "
+                  "ready)", file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, name="gemma-announce", daemon=True).start()
     thread = threading.Thread(target=loader, name="gemma-load", daemon=True)
     thread.start()
     try:

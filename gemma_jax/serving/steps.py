@@ -4,11 +4,13 @@ generate split, with the insert fused into the prefill):
 - `prefill`: one request's prompt chunk [1, T] into its slot of the batched KV cache; on the last
   chunk, its first token and the row's settings (sampling arrays, stop ids, max_tokens) armed.
 - `decode`: up to `limit` tokens for every live row in one call (a lax.while_loop), the state
-  donated; finished rows go idle on the device, in the step that finished them.
+  donated; finished rows go idle on the device, in the step that finished them. It runs over the
+  first `rows` slots only (a power-of-two bucket holding every live row), so a lightly loaded
+  engine does not pay for the whole batch.
 
 Shapes: B slots, S cache positions, M stop ids per row, N tokens per decode call, V vocab.
 Compilation: `prefill` once per (prompt bucket T, fresh cache or not), `decode` once per
-(B, S, N); sampling settings are arrays, so no mix of requests compiles anything new.
+(row bucket, S, N); sampling settings are arrays, so no mix of requests compiles anything new.
 """
 
 from __future__ import annotations
@@ -56,14 +58,15 @@ class Tokens(NamedTuple):
     top_logprobs: jax.Array  # [B, N, TOP_LOGPROBS] float32
 
 
-def init_slots(config, batch: int, max_length: int, dtype, max_stop_ids: int) -> Slots:
-    """Every slot free, with room for max_length positions."""
+def init_slots(config, batch: int, max_length: int, dtype, max_stop_ids: int, device=None) -> Slots:
+    """Every slot free, with room for max_length positions, placed on `device` (default: the first)
+    as the programs' outputs are, so the first call compiles the same program as every later one."""
     b = batch
-    rows = sampler.Rows(*(jnp.asarray(a) for a in sampler.Rows.host([sampler.Sampling()] * b)),
-                        sampler.row_keys(0, b))
-    return Slots(kv.init_cache(config, b, max_length, dtype), jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool),
-                 jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.full((b, max_stop_ids), -1, jnp.int32),
-                 jnp.zeros((b,), jnp.int32), rows, jnp.zeros((b, config.vocab_size), jnp.int32))
+    rows = sampler.Rows.build([sampler.Sampling()] * b, sampler.row_keys(0, b))
+    slots = Slots(kv.init_cache(config, b, max_length, dtype), jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool),
+                  jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.full((b, max_stop_ids), -1, jnp.int32),
+                  jnp.zeros((b,), jnp.int32), rows, jnp.zeros((b, config.vocab_size), jnp.int32))
+    return jax.device_put(slots, device or jax.devices()[0])
 
 
 def _row(x: jax.Array, slot) -> jax.Array:
@@ -112,17 +115,22 @@ def prefill(graphdef, state, slots: Slots, slot, tokens, positions, final, arm: 
     return slots, Tokens(first[:, None], logprob[:, None], top_ids[:, None], top_lps[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "buffer"), donate_argnames=("slots",))
-def decode(graphdef, state, slots: Slots, limit, *, buffer: int):
-    """Up to `limit` (<= buffer) tokens for every live row; stops early once every row is done.
+@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "rows"), donate_argnames=("slots",))
+def decode(graphdef, state, slots: Slots, limit, *, buffer: int, rows: int):
+    """Up to `limit` (<= buffer) tokens for every live row among the first `rows` slots (the
+    others must be done); stops early once every row is done.
 
     A row is done after a stop id or its max_tokens-th token; the host learns both from the
-    returned Tokens (ids after a row is done are -1) and frees the slot.
+    returned Tokens [rows, buffer] (ids after a row is done are -1) and frees the slot.
     """
     model = nnx.merge(graphdef, state)
-    b = slots.last.shape[0]
-    out = Tokens(jnp.full((b, buffer), -1, jnp.int32), jnp.zeros((b, buffer), jnp.float32),
-                 jnp.zeros((b, buffer, TOP_LOGPROBS), jnp.int32), jnp.zeros((b, buffer, TOP_LOGPROBS), jnp.float32))
+    everything = slots
+    b = everything.last.shape[0]
+    if rows < b:
+        slots = jax.tree.map(lambda x: x[:rows], everything)
+    out = Tokens(jnp.full((rows, buffer), -1, jnp.int32), jnp.zeros((rows, buffer), jnp.float32),
+                 jnp.zeros((rows, buffer, TOP_LOGPROBS), jnp.int32),
+                 jnp.zeros((rows, buffer, TOP_LOGPROBS), jnp.float32))
 
     def cond(carry):
         i, s, _ = carry
@@ -143,7 +151,19 @@ def decode(graphdef, state, slots: Slots, limit, *, buffer: int):
         return i + 1, s, out
 
     _, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out))
+    if rows < b:
+        slots = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), everything, slots)
     return slots, out
+
+
+def decode_buckets(max_batch: int, smallest: int) -> tuple[int, ...]:
+    """The row counts decode compiles for: powers of two from `smallest`, and max_batch."""
+    sizes = {max_batch}
+    n = min(smallest, max_batch)
+    while n < max_batch:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes))
 
 
 @functools.partial(jax.jit, donate_argnames=("done",))
@@ -157,5 +177,5 @@ def arm(max_tokens: int, stop_ids, max_stop_ids: int, top_n: int, sampling: samp
     """A request's settings as the arrays `prefill` writes into its slot."""
     stops = np.full((max_stop_ids,), -1, np.int32)
     stops[:len(stop_ids)] = stop_ids
-    rows = sampler.Rows(*(jnp.asarray(a) for a in sampler.Rows.host([sampling])), key[None])
+    rows = sampler.Rows.build([sampling], key[None])
     return Arm(jnp.int32(max_tokens), jnp.asarray(stops), jnp.int32(top_n), rows)
