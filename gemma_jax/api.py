@@ -240,23 +240,45 @@ class Gemma:
         live = stream is not None or bool(stop_strings)
         ids, logprobs = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
                                           return_logprobs=True, stream=on_tokens if live else None, hooks=hooks)
+        if live:
+            for s in streams:
+                piece = s.flush()   # text held back while generating (a possible stop string's start)
+                if piece and stream is not None:
+                    stream(piece)
         return [s.text if live else tok.decode(row) for s, row in zip(streams, ids)], logprobs
 
 
 class TextStream:
-    """Incremental detokenization: hands out only complete characters, cuts at stop strings."""
+    """Incremental detokenization: hands out only complete characters, cuts at stop strings.
+
+    Each call decodes only the tokens since the last complete character (and a few before them,
+    so that pieces join as in a full decode): a long generation costs time linear in its length.
+    """
+
+    CONTEXT = 4  # settled tokens decoded again before the unsettled ones
 
     def __init__(self, tokenizer, stop_strings=()):
         self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False
+        self._settled_ids, self._settled = 0, ""   # a prefix of ids ending on a complete character, and its text
+
+    def _decoded(self) -> str:
+        """tokenizer.decode(self.ids), from the settled prefix on."""
+        start = max(0, self._settled_ids - self.CONTEXT)
+        head = self.tokenizer.decode(self.ids[start:self._settled_ids])
+        tail = self.tokenizer.decode(self.ids[start:])
+        full = self._settled + tail[len(head):] if tail.startswith(head) else self.tokenizer.decode(self.ids)
+        if not full.endswith("\ufffd"):
+            self._settled_ids, self._settled = len(self.ids), full
+        return full
 
     def add(self, new_ids) -> str:
-        if self.stopped or not new_ids:
+        if self.stopped or not len(new_ids):
             return ""
         self.ids.extend(new_ids)
-        full = self.tokenizer.decode(self.ids)
+        full = self._decoded()
         cuts = [full.find(s) for s in self.stop_strings if s in full]
         if cuts:
             full, self.stopped = full[:min(cuts)], True
@@ -267,6 +289,16 @@ class TextStream:
             full = full[:len(full) - hold]
         if not full.startswith(self.text):  # cannot happen given the hold-back; never hand out less
             return ""
+        piece, self.text = full[len(self.text):], full
+        return piece
+
+    def flush(self) -> str:
+        """Once generation has ended: the text held back (a tail that could have begun a stop
+        string; an incomplete last character, as U+FFFD like tokenizer.decode), so that the text
+        handed out equals the decoded tokens cut at the first stop string."""
+        if self.stopped or not self.ids:
+            return ""
+        full = self._decoded()
         piece, self.text = full[len(self.text):], full
         return piece
 

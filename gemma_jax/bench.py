@@ -227,7 +227,6 @@ def jax_worker(spec: BenchSpec) -> dict:
     _progress(f"gemma_jax: model ready in {_duration(out['load_s'])}; probing the memory bandwidth")
     out["bandwidth_GBps"] = bandwidth_probe(spec.dtype) / 1e9
     rng = np.random.default_rng(spec.seed)
-    greedy = sampler.Sampling()
     out["runs"] = []
     for batch, prompt_len in ((b, p) for b in spec.batch_sizes for p in spec.prompt_lens):
         prompts = rng.integers(3, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
@@ -236,17 +235,18 @@ def jax_worker(spec: BenchSpec) -> dict:
         tokens, positions = sampler.pad_chunk(prompts.tolist(), [0] * batch, length, 0)
         tokens, positions = jnp.asarray(tokens), jnp.asarray(positions)
         stops, pad = jnp.asarray([-1], jnp.int32), jnp.int32(0)
+        greedy = sampler.Rows.build([sampler.Sampling()] * batch, sampler.row_keys(0, batch))
         buffer = sampler.bucket(spec.gen_len, 1)
 
         def prefill():
             cache = kv.init_cache(model.config, batch, cache_len, model.dtype)
-            loop = sampler.start(model.graphdef, model.state, cache, tokens, positions, jax.random.key(0), stops,
-                                 pad, sampling=greedy, buffer=buffer, fresh=True)
+            loop = sampler.start(model.graphdef, model.state, cache, tokens, positions, greedy, None, stops,
+                                 pad, buffer=buffer, fresh=True)
             return jax.block_until_ready(loop)
 
         def generate(loop):
             return jax.block_until_ready(sampler.decode(model.graphdef, model.state, loop, stops, pad,
-                                                        jnp.int32(spec.gen_len), sampling=greedy))
+                                                        jnp.int32(spec.gen_len)))
         _progress(f"gemma_jax: batch {batch}, prompt {prompt_len}: compiling, then {spec.repeats} timed runs")
         cold = time.perf_counter()
         loop = prefill()

@@ -107,6 +107,9 @@ class ChatSession:
             # the cache was donated to the interrupted call: drop it; history is still this turn's start
             self.cache, self.capacity = None, 0
             raise
+        rest = text_stream.flush() if live else ""   # text held back while generating
+        if rest and stream is not None:
+            stream(rest)
         reply = result.tokens[0]
         self.history += turn + reply + [self.end_of_turn] + self.newline
         self.turns += 1

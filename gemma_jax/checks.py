@@ -56,7 +56,8 @@ def number(arg: str, value, minimum: float = 0.0) -> float:
     """A finite real number >= minimum (NumPy scalars accepted, bools refused)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) \
             or value < minimum:
-        raise GenerationError(f"{name(arg)} must be a finite number >= {minimum:g}, got {value!r}")
+        bound = f" >= {minimum:g}" if math.isfinite(minimum) else ""
+        raise GenerationError(f"{name(arg)} must be a finite number{bound}, got {value!r}")
     return float(value)
 
 

@@ -27,3 +27,18 @@ class DependencyError(GemmaError):
 
 class GemmaWarning(UserWarning):
     """Something accepted but worth a loud note (e.g. float16 weights converted to float32)."""
+
+
+class ServingError(GemmaError):
+    """A request the serving engine cannot take now; `status` is the HTTP status to answer with."""
+    status = 503
+
+
+class QueueFullError(ServingError):
+    """The engine's waiting queue is full (HTTP 429: try again later)."""
+    status = 429
+
+
+class UnavailableError(ServingError):
+    """The engine is starting, draining or has failed (HTTP 503)."""
+    status = 503

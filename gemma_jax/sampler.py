@@ -1,9 +1,16 @@
-"""Prefill and a jitted decode loop over the KV cache; sampling strategies as a frozen dataclass.
+"""Prefill and a jitted decode loop over the KV cache; sampling as per-row arrays.
+
+Sampling: `Sampling` (a frozen dataclass) describes one row's settings; `Rows` holds a batch of
+them as [B] arrays passed into the jitted step like the cache, so a batch may mix greedy and
+sampled rows, and changing a setting compiles nothing. `sample` is the one implementation of
+penalties, temperature, top-k, top-p and the draw, used by `generate_ids` and the serving engine
+alike. Each row draws from its own key folded with its own step count, never from its place in
+the batch.
 
 Compilation: prompts are right-padded to a power-of-two length (at least 16), the cache to a
 power of two of prompt + new tokens (at least 32), the output buffer to a power of two of
 max_new_tokens. `start` compiles once per (batch, padded prompt, cache length, output buffer,
-sampling, fresh or continued cache); `decode` once per (batch, cache length, output buffer, sampling).
+fresh or continued cache); `decode` once per (batch, cache length, output buffer).
 The decode step limit is a traced argument, so streaming in chunks reuses the same program, and the
 stop ids are padded to a power of two (at least 4).
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -30,52 +38,141 @@ from gemma_jax import checks
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; otherwise temperature, then top-k, then top-p (HF's order)."""
+    """One row's sampling settings. temperature 0 is greedy; otherwise temperature, then top-k,
+    then top-p (HF's order). Presence and frequency penalties (OpenAI's) first subtract
+    `presence * (count > 0) + frequency * count` from the logit of each token generated so far
+    (greedy rows included)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):  # checked, and stored as plain Python numbers (NumPy scalars accepted)
         object.__setattr__(self, "temperature", checks.number("temperature", self.temperature))
         object.__setattr__(self, "top_k", checks.integer("top_k", self.top_k, minimum=1, optional=True))
         object.__setattr__(self, "top_p", checks.probability("top_p", self.top_p, optional=True))
+        for name in ("presence_penalty", "frequency_penalty"):
+            object.__setattr__(self, name, checks.number(name, getattr(self, name), minimum=-math.inf))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
 
-def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """[B, V] float32 logits with temperature, top-k and top-p applied (removed tokens -> -inf)."""
-    logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p is not None and sampling.top_p < 1:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+class Rows(NamedTuple):
+    """A batch of sampling settings as [B] arrays (a pytree, traced under jit)."""
+    temperature: jax.Array        # float32; 0 = greedy
+    top_k: jax.Array              # int32; 0 = no top-k
+    top_p: jax.Array              # float32; 1 = no top-p
+    presence_penalty: jax.Array   # float32
+    frequency_penalty: jax.Array  # float32
+    key: jax.Array                # [B] PRNG keys: row b's token at step s draws from fold_in(key[b], s)
+
+    @classmethod
+    def build(cls, samplings: Sequence[Sampling], keys: jax.Array) -> Rows:
+        """Arrays for these settings (one per row) and per-row keys (see `row_keys`)."""
+        return cls(*(jnp.asarray(a) for a in cls.host(samplings)), keys)
+
+    @staticmethod
+    def host(samplings: Sequence[Sampling]) -> tuple[np.ndarray, ...]:
+        """The settings as NumPy arrays, in field order (without the keys)."""
+        return (np.asarray([0.0 if s.greedy else s.temperature for s in samplings], np.float32),
+                np.asarray([s.top_k or 0 for s in samplings], np.int32),
+                np.asarray([1.0 if s.top_p is None else s.top_p for s in samplings], np.float32),
+                np.asarray([s.presence_penalty for s in samplings], np.float32),
+                np.asarray([s.frequency_penalty for s in samplings], np.float32))
+
+
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for any integer seed, taken modulo 2**64 (jax.random.key(seed) for 0 <= seed < 2**32;
+    without x64, jax.random.key would fold larger seeds onto small ones)."""
+    s = int(seed) % 2**64
+    return jax.random.wrap_key_data(np.asarray([s >> 32, s & 0xFFFFFFFF], np.uint32))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fold_rows(base: jax.Array, rows: int) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(rows))
+
+
+def row_keys(seed: int, rows: int) -> jax.Array:
+    """[rows] keys fold_in(seed_key(seed), row): row 0 of any batch with this seed draws the same
+    stream, so a request with a seed samples alike alone, in a batch, or in the serving engine."""
+    return _fold_rows(seed_key(seed), rows)
+
+
+def penalize(logits: jax.Array, rows: Rows, counts: jax.Array) -> jax.Array:
+    """[B, V] logits minus the presence and frequency penalties of the tokens counted so far."""
+    return (logits - rows.frequency_penalty[:, None] * counts.astype(logits.dtype)
+            - rows.presence_penalty[:, None] * (counts > 0).astype(logits.dtype))
+
+
+def filter_rows(logits: jax.Array, rows: Rows) -> jax.Array:
+    """[B, V] float32 logits with each row's temperature, top-k and top-p applied (removed -> -inf).
+
+    One descending sort serves both cuts (skipped when no row asks for either): top-k keeps the
+    values >= the k-th largest, top-p the smallest set of the best remaining tokens whose
+    probability reaches p.
+    """
+    v = logits.shape[-1]
+    z = logits / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
+    top_k = jnp.where((rows.top_k > 0) & (rows.top_k < v), rows.top_k, v)
+
+    def truncate(z):
+        ordered = jnp.sort(z, axis=-1)[:, ::-1]
+        kth = jnp.take_along_axis(ordered, top_k[:, None] - 1, axis=-1)
+        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs          # mass of strictly better tokens
-        kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)
-        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
-    return logits
+        cut = jnp.min(jnp.where(before < rows.top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+        cut = jnp.where(rows.top_p[:, None] < 1, cut, -jnp.inf)
+        return jnp.where(z < jnp.maximum(kth, cut), -jnp.inf, z)
+
+    needed = jnp.any(top_k < v) | jnp.any(rows.top_p < 1)
+    return jax.lax.cond(needed, truncate, lambda z: z, z)
+
+
+def sample(logits: jax.Array, rows: Rows, steps: jax.Array, counts: jax.Array | None = None):
+    """Choose one token per row: logits [B, V] float32, steps [B] (or a scalar) each row's own step
+    count, counts [B, V] tokens generated so far (for the penalties; None = no penalties).
+
+    Returns (tokens [B] int32, log-probabilities [B] of the chosen tokens under the model's
+    unmodified distribution). Greedy rows take the argmax; the sampled path runs only when some
+    row samples. Every operation is row-wise, so a row's token does not depend on the others.
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if counts is not None:
+        penalized = (rows.presence_penalty != 0) | (rows.frequency_penalty != 0)
+        logits = jax.lax.cond(jnp.any(penalized), lambda x: penalize(x, rows, counts), lambda x: x, logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = rows.temperature > 0
+
+    def draw(logits):
+        keys = jax.vmap(jax.random.fold_in)(rows.key, jnp.broadcast_to(steps, hot.shape))
+        return jax.vmap(jax.random.categorical)(keys, filter_rows(logits, rows)).astype(jnp.int32)
+
+    tokens = jnp.where(hot, jax.lax.cond(jnp.any(hot), draw, lambda _: greedy, logits), greedy)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def top_logprobs(logits: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The n most likely tokens per row and their log-probabilities (unmodified distribution)."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), n)
+    return ids.astype(jnp.int32), values
+
+
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """`filter_rows` with one Sampling for every row."""
+    return filter_rows(logits, Rows.build([sampling] * logits.shape[0], row_keys(0, logits.shape[0])))
 
 
 def pick(logits: jax.Array, rng: jax.Array, step: jax.Array, sampling: Sampling):
-    """Choose one token per row; each row draws from its own key so rows are batch-independent.
-
-    Returns (tokens [B], log-probabilities [B] of the chosen tokens under the model's unmodified
-    distribution).
-    """
-    if sampling.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-    else:
-        filtered = filter_logits(logits, sampling)
-        keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(rng, row), step))(
-            jnp.arange(logits.shape[0]))
-        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), logprobs
+    """`sample` with one Sampling for every row, row b drawing from fold_in(rng, b)."""
+    b = logits.shape[0]
+    keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(b))
+    return sample(logits, Rows.build([sampling] * b, keys), step)
 
 
 class Loop(NamedTuple):
@@ -85,7 +182,8 @@ class Loop(NamedTuple):
     logprobs: jax.Array  # [B, N] float32
     done: jax.Array      # [B] bool
     step: jax.Array      # int32: tokens generated so far
-    rng: jax.Array
+    rows: Rows
+    counts: jax.Array | None  # [B, V] int32 tokens generated so far, when a row has penalties
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -101,6 +199,13 @@ def _prefill(model, cache, tokens, positions, fresh, hook):
     hidden, cache = model(tokens, positions, cache, attend_cache=not fresh, hook=hook)
     last = jnp.sum(positions >= 0, axis=1) - 1
     return cache, hidden[jnp.arange(tokens.shape[0]), last]
+
+
+def prefill_logits(model, tokens, positions, cache, fresh: bool, hook=None):
+    """Run a right-padded chunk [B, T] into the cache -> (logits [B, V] at each row's last real
+    token, cache). fresh: the cache holds nothing yet (the chunk attends to itself only)."""
+    cache, hidden = _prefill(model, cache, tokens, positions, fresh, hook)
+    return model.logits(hidden, hook=hook), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh", "logits", "hook"), donate_argnames=("cache",))
@@ -133,23 +238,37 @@ def split_prompts(chunks: Sequence[Sequence[int]], starts: Sequence[int], size: 
     return calls
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "buffer", "fresh", "hook"),
-                   donate_argnames=("cache",))
-def start(graphdef, state, cache, tokens, positions, rng, stop_ids, pad_id, *, sampling, buffer, fresh,
+def step_logits(model, last, done, cache, hook=None):
+    """Feed each row's last token [B] at its next position -> (logits [B, V], cache). A done row is
+    fed at position -1: nothing is written, its cache stays continuable."""
+    hidden, cache = model(last[:, None], jnp.where(done, -1, cache.end)[:, None], cache, hook=hook)
+    return model.logits(hidden[:, 0], hook=hook), cache
+
+
+def count(counts: jax.Array | None, tokens: jax.Array, live: jax.Array):
+    """Add each live row's new token [B] to its counts [B, V] (for the penalties)."""
+    if counts is None:
+        return None
+    return counts.at[jnp.arange(tokens.shape[0]), tokens].add(live.astype(counts.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "fresh", "hook"), donate_argnames=("cache",))
+def start(graphdef, state, cache, tokens, positions, rows: Rows, counts, stop_ids, pad_id, *, buffer, fresh,
           hook=None):
-    """Run a right-padded chunk [B, T] through the model into the cache and pick the first token."""
+    """Run a right-padded chunk [B, T] through the model into the cache and pick the first token.
+    counts: zeros [B, V] to apply the rows' penalties, or None."""
     model = nnx.merge(graphdef, state)
-    cache, hidden = _prefill(model, cache, tokens, positions, fresh, hook)
-    logits = model.logits(hidden, hook=hook)
-    first, logprob = pick(logits, rng, jnp.int32(0), sampling)
+    logits, cache = prefill_logits(model, tokens, positions, cache, fresh, hook)
+    first, logprob = sample(logits, rows, jnp.int32(0), counts)
     b = tokens.shape[0]
     out = jnp.full((b, buffer), pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((b, buffer), jnp.float32).at[:, 0].set(logprob)
-    return Loop(cache, out, logprobs, jnp.isin(first, stop_ids), jnp.int32(1), rng)
+    counts = count(counts, first, jnp.ones((b,), bool))
+    return Loop(cache, out, logprobs, jnp.isin(first, stop_ids), jnp.int32(1), rows, counts)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "hook"), donate_argnames=("loop",))
-def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling, hook=None) -> Loop:
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"), donate_argnames=("loop",))
+def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, hook=None) -> Loop:
     """Generate until `limit` tokens exist or every row is done (a lax.while_loop)."""
     model = nnx.merge(graphdef, state)
 
@@ -157,14 +276,14 @@ def decode(graphdef, state, loop: Loop, stop_ids, pad_id, limit, *, sampling, ho
         return (l.step < limit) & ~jnp.all(l.done)
 
     def body(l: Loop):
-        prev = jax.lax.dynamic_index_in_dim(l.tokens, l.step - 1, axis=1, keepdims=True)
-        # a finished row is fed at position -1: nothing is written, its cache stays continuable
-        hidden, cache = model(prev, jnp.where(l.done, -1, l.cache.end)[:, None], l.cache, hook=hook)
-        token, logprob = pick(model.logits(hidden[:, 0], hook=hook), l.rng, l.step, sampling)
+        prev = jax.lax.dynamic_index_in_dim(l.tokens, l.step - 1, axis=1, keepdims=False)
+        logits, cache = step_logits(model, prev, l.done, l.cache, hook)
+        token, logprob = sample(logits, l.rows, l.step, l.counts)
         token = jnp.where(l.done, pad_id, token)
         tokens = jax.lax.dynamic_update_index_in_dim(l.tokens, token, l.step, axis=1)
         logprobs = jax.lax.dynamic_update_index_in_dim(l.logprobs, logprob, l.step, axis=1)
-        return Loop(cache, tokens, logprobs, l.done | jnp.isin(token, stop_ids), l.step + 1, l.rng)
+        return Loop(cache, tokens, logprobs, l.done | jnp.isin(token, stop_ids), l.step + 1, l.rows,
+                    count(l.counts, token, ~l.done))
 
     return jax.lax.while_loop(cond, body, loop)
 
@@ -211,14 +330,15 @@ def run(graphdef, state, cache: kv.KVCache, chunks: Sequence[Sequence[int]], sta
     buffer = bucket(max_new_tokens, 1)
     stops = sorted(set(stop_ids))
     stops = jnp.asarray(stops + [-1] * (bucket(len(stops), 4) - len(stops)), jnp.int32)  # -1: no token
-    rng = jax.random.key(seed)
-    loop = start(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions), rng, stops,
-                 jnp.int32(pad_id), sampling=sampling, buffer=buffer, fresh=fresh, hook=hook)
+    rows = Rows.build([sampling] * b, row_keys(seed, b))
+    penalties = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0
+    counts = jnp.zeros((b, nnx.merge(graphdef, state).config.vocab_size), jnp.int32) if penalties else None
+    loop = start(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(positions), rows, counts, stops,
+                 jnp.int32(pad_id), buffer=buffer, fresh=fresh, hook=hook)
     ends: list[int | None] = [None] * b   # tokens kept per row, once the row has finished
     seen, limit = 0, (max_new_tokens if stream is None else 1)
     while True:
-        loop = decode(graphdef, state, loop, stops, jnp.int32(pad_id), jnp.int32(limit), sampling=sampling,
-                      hook=hook)
+        loop = decode(graphdef, state, loop, stops, jnp.int32(pad_id), jnp.int32(limit), hook=hook)
         step = int(_host(loop.step))
         new = _host(loop.tokens)[:, seen:step]
         delivered = []

@@ -1,0 +1,479 @@
+"""The continuous-batching engine: a fixed number of decode slots over one batched KV cache, a
+bounded waiting queue, admission with chunked prefill, multi-step decode, and per-request
+detokenization, stop strings and logprobs. No HTTP here (see server.py).
+
+One thread (the engine loop) owns the device state. Each iteration it
+1. frees the slots of finished and cancelled requests (the step boundary),
+2. prefills waiting requests into free slots, one chunk of at most `prefill_chunk` tokens at a
+   time; while other rows are decoding, about one chunk's worth of prompt tokens per iteration,
+   so a long prompt never stalls the running requests for more than one chunk,
+3. runs one multi-step decode call (`decode_steps` tokens per row) and hands each request its new
+   tokens and text through its `on_output` callback.
+
+Determinism: every row of the decode step is computed by row-wise operations and matrix products
+whose rows do not depend on the other rows (see docs/serving.md), the sampling of a row draws from
+its own seed folded with its own step count, and prefill runs one request at a time. A request's
+tokens therefore do not depend on what shares the batch or which slot it lands in.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import secrets
+import threading
+import time
+import traceback
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from gemma_jax import sampler
+from gemma_jax.api import Gemma, TextStream
+from gemma_jax.errors import GemmaError, GenerationError, QueueFullError, UnavailableError
+from gemma_jax.serving import steps
+from gemma_jax.serving.metrics import Metrics
+from gemma_jax.serving.types import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Output,
+                                     Request, TokenLogprob)
+
+STARTING, READY, DRAINING, STOPPED, FAILED = "starting", "ready", "draining", "stopped", "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8          # decode slots
+    max_length: int = 1024      # cache positions per slot: prompt + generated tokens
+    max_queue: int = 64         # requests waiting for a slot; one more gets QueueFullError (429)
+    prefill_chunk: int = 256    # prompt tokens per prefill call (a power of two >= 16)
+    decode_steps: int = 8       # tokens per row per decode call (host round trip)
+    max_stop_ids: int = 8       # stop ids per request
+    # Decode runs over a power-of-two bucket of slots holding every live row, at least this many.
+    # 2 (the default) keeps every decode a multi-row matrix product, whose rows XLA:CPU computes
+    # bit for bit alike at any row count; 1 lets a lone request use the faster one-row product, at
+    # the price of last-bit differences between a request alone and under load.
+    min_decode_batch: int = 2
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_length", "max_queue", "prefill_chunk", "decode_steps", "max_stop_ids",
+                     "min_decode_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queue" else 1):
+                raise GenerationError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1}, got {value!r}")
+        if self.prefill_chunk < 16 or self.prefill_chunk & (self.prefill_chunk - 1):
+            raise GenerationError(f"prefill_chunk must be a power of two >= 16, got {self.prefill_chunk}")
+
+
+class Handle:
+    """A submitted request: `cancel()` ends it at the next step boundary (finish_reason 'abort')."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.engine, self.request, self.id = engine, request, request.id
+        self.slot: int | None = None   # the decode slot, once admitted
+
+    def cancel(self) -> None:
+        self.engine._cancel(self)
+
+
+@dataclasses.dataclass(eq=False)
+class _Live:
+    """A request inside the engine."""
+    request: Request
+    handle: Handle
+    on_output: Callable[[Output], None]
+    text: TextStream | None
+    arrival: float
+    stop_ids: frozenset
+    seed: int
+    slot: int | None = None
+    prefilled: int = 0                 # prompt tokens already in the cache
+    generated: int = 0
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+
+
+class Engine:
+    """Serve many concurrent generation requests with one model on one device (or mesh).
+
+    `submit(request, on_output)` queues a request (QueueFullError / UnavailableError / GenerationError
+    when it cannot) and returns a Handle; `on_output(Output)` is called from the engine thread as
+    tokens arrive, last with a finish_reason. `generate` and `stream` are blocking conveniences.
+    """
+
+    def __init__(self, model: Gemma, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
+        limit = model.config.max_position_embeddings
+        if config.max_length > limit:
+            raise GenerationError(f"max_length {config.max_length} exceeds the model's max_position_embeddings {limit}")
+        self.model, self.config = model, config
+        self.tokenizer = model.tokenizer
+        self.metrics = metrics or Metrics("gemma")
+        self.metrics.slots.set(config.max_batch)
+        self.state = STARTING
+        self.error: str | None = None
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Live] = collections.deque()
+        self._slots: list[_Live | None] = [None] * config.max_batch
+        self._prefilling: _Live | None = None
+        self._release = np.zeros(config.max_batch, bool)   # rows the host ended; the device learns at the boundary
+        self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
+        self.decode_calls = 0
+        self.prefill_calls = 0
+        self.device = None
+        self.buckets = steps.decode_buckets(config.max_batch, config.min_decode_batch)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def start(self, warmup: bool = True) -> Engine:
+        """Allocate the decode state, compile the decode program (and the prefill of the smallest
+        bucket) when warmup, and start the engine loop. The engine is then ready."""
+        c = self.config
+        self.device = steps.init_slots(self.model.config, c.max_batch, c.max_length, self.model.dtype, c.max_stop_ids)
+        if warmup:
+            self._warmup()
+        self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
+        with self._cv:
+            self.state = READY
+        self._thread.start()
+        return self
+
+    def _warmup(self) -> None:
+        """Compile the decode program of every row bucket and the prefill of the smallest prompt."""
+        self._prefill_call(0, [self.model.config.bos_token_id], 0, True, steps.arm(
+            1, [], self.config.max_stop_ids, 0, sampler.Sampling(), sampler.row_keys(0, 1)[0]))
+        for rows in self.buckets:
+            self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(1),
+                                            buffer=self.config.decode_steps, rows=rows)
+        jax.block_until_ready(out)
+
+    def drain(self) -> None:
+        """Refuse new requests (UnavailableError); the accepted ones run to completion."""
+        with self._cv:
+            if self.state == READY:
+                self.state = DRAINING
+            self._cv.notify_all()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._queue and self._prefilling is None and not any(self._slots)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is waiting or running (True), or timeout (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._queue or self._prefilling is not None or any(self._slots):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(timeout=left if left is not None else 1.0)
+        return True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the loop: requests still queued or running are aborted."""
+        with self._cv:
+            if self.state in (READY, DRAINING):
+                self.state = STOPPED
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, state): the engine loop is running and made progress recently."""
+        with self._cv:
+            state, error = self.state, self.error
+        alive = self._thread is not None and self._thread.is_alive()
+        if state == FAILED:
+            return False, f"failed: {error}"
+        if state != READY:
+            return False, state
+        if not alive:
+            return False, "engine loop not running"
+        return True, state
+
+    # ------------------------------------------------------------------------------ requests
+    def check(self, request: Request) -> None:
+        """Refuse a request that can never run here (GenerationError, HTTP 400)."""
+        c, vocab = self.config, self.model.config.vocab_size
+        prompt = request.prompt
+        if len(prompt) == 0:
+            raise GenerationError("the prompt is empty (it needs at least one token, e.g. BOS)")
+        if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
+            bad = next(t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
+                       or not 0 <= t < vocab)
+            raise GenerationError(f"prompt token {bad!r} is outside the vocabulary [0, {vocab})")
+        m = request.max_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise GenerationError(f"max_tokens must be an integer >= 1, got {m!r}")
+        if len(prompt) + m > c.max_length:
+            raise GenerationError(f"the prompt ({len(prompt)} tokens) + max_tokens ({m}) = {len(prompt) + m} "
+                                  f"exceeds the server's max length {c.max_length} tokens")
+        stops = list(request.stop_ids)
+        if len(set(stops)) > c.max_stop_ids or any(not isinstance(t, int) or not 0 <= t < vocab for t in stops):
+            raise GenerationError(f"stop ids must be at most {c.max_stop_ids} token ids in [0, {vocab}), got {stops}")
+        if request.logprobs is not None and (not isinstance(request.logprobs, int) or isinstance(request.logprobs, bool)
+                                             or not 0 <= request.logprobs <= steps.TOP_LOGPROBS):
+            raise GenerationError(f"logprobs must be an integer in [0, {steps.TOP_LOGPROBS}], got {request.logprobs!r}")
+        if request.seed is not None and (not isinstance(request.seed, int) or isinstance(request.seed, bool)):
+            raise GenerationError(f"seed must be an integer, got {request.seed!r}")
+        if any(not isinstance(s, str) or not s for s in request.stop_strings):
+            raise GenerationError("stop strings must be non-empty strings")
+        if request.stop_strings and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer, and this model has none")
+        if not isinstance(request.sampling, sampler.Sampling):
+            raise GenerationError("sampling must be a gemma_jax.sampler.Sampling")
+
+    def submit(self, request: Request, on_output: Callable[[Output], None]) -> Handle:
+        """Queue a request; raises GenerationError (bad request), UnavailableError (starting,
+        draining, failed) or QueueFullError (the queue holds max_queue requests)."""
+        try:
+            self.check(request)
+        except GenerationError:
+            self._reject("invalid")
+            raise
+        handle = Handle(self, request)
+        seed = secrets.randbits(63) if request.seed is None else request.seed
+        live = _Live(request, handle, on_output,
+                     TextStream(self.tokenizer, request.stop_strings) if self.tokenizer is not None else None,
+                     time.monotonic(), frozenset(request.stop_ids), seed)
+        with self._cv:
+            if self.state != READY:
+                reason = {DRAINING: "draining", STARTING: "starting"}.get(self.state, "failed")
+                self._reject(reason)
+                raise UnavailableError(f"the engine is {self.state}" + (f": {self.error}" if self.error else ""))
+            if len(self._queue) >= self.config.max_queue:
+                self._reject("queue_full")
+                raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            self._queue.append(live)
+            self.metrics.waiting.set(len(self._queue))
+            self._cv.notify_all()
+        return handle
+
+    def _reject(self, reason: str) -> None:
+        with self.metrics.lock:
+            self.metrics.rejected.inc(value=reason)
+
+    def generate(self, request: Request, timeout: float | None = None) -> Completion:
+        """Submit and wait for the whole result."""
+        return Completion.collect(list(self.stream(request, timeout)))
+
+    def stream(self, request: Request, timeout: float | None = None) -> Iterator[Output]:
+        """Submit and yield each Output as it arrives (the last has a finish_reason)."""
+        outputs: queue.Queue[Output] = queue.Queue()
+        handle = self.submit(request, outputs.put)
+        try:
+            while True:
+                out = outputs.get(timeout=timeout)
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()   # a no-op once finished
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._cv:
+            for live in self._queue:
+                if live.handle is handle:
+                    self._queue.remove(live)
+                    self.metrics.waiting.set(len(self._queue))
+                    self._finish(live, FINISH_ABORT)
+                    break
+            else:
+                for live in (*self._slots, self._prefilling):
+                    if live is not None and live.handle is handle:
+                        live.cancelled = True
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    self._heartbeat = time.monotonic()
+                    self._sweep()
+                    if self.state == STOPPED:
+                        break
+                    if not self._queue and self._prefilling is None and not any(self._slots):
+                        self._cv.wait(timeout=1.0)
+                        continue
+                self._prefill_some()
+                if any(live is not None and live.first_token is not None for live in self._slots):
+                    self._decode_once()
+        except BaseException as e:  # a bug or a device failure: fail every request, report unhealthy
+            traceback.print_exc()
+            with self._cv:
+                self.state, self.error = FAILED, f"{type(e).__name__}: {e}"
+        finally:
+            with self._cv:
+                message = self.error
+                for live in (*self._queue, self._prefilling, *self._slots):
+                    if live is not None and not live.finished:
+                        self._finish(live, FINISH_ERROR if message else FINISH_ABORT, message)
+                self._queue.clear()
+                self._slots = [None] * self.config.max_batch
+                self._prefilling = None
+                self.metrics.waiting.set(0)
+                self.metrics.running.set(0)
+                self._cv.notify_all()
+
+    def _sweep(self) -> None:
+        """At a step boundary (lock held): end cancelled requests and free every finished slot."""
+        if self._prefilling is not None and self._prefilling.cancelled:
+            self._finish(self._prefilling, FINISH_ABORT)
+        if self._prefilling is not None and self._prefilling.finished:
+            self._slots[self._prefilling.slot] = None
+            self._prefilling = None
+        for slot, live in enumerate(self._slots):
+            if live is None:
+                continue
+            if live.cancelled and not live.finished:
+                self._finish(live, FINISH_ABORT)
+            if live.finished:
+                self._slots[slot] = None
+                self._release[slot] = True
+        if self._release.any():
+            self.device = self.device._replace(done=steps.release(self.device.done, self._release))
+            self._release[:] = False
+        self.metrics.running.set(sum(live is not None for live in self._slots))
+        self._cv.notify_all()
+
+    def _prefill_some(self) -> None:
+        """Prefill waiting requests into free slots: about one chunk of prompt tokens while other
+        rows decode, as much as the free slots take while none do."""
+        decoding = any(live is not None and live.first_token is not None for live in self._slots)
+        budget = self.config.prefill_chunk if decoding else float("inf")
+        spent = 0
+        while spent < budget:
+            with self._cv:
+                if self._prefilling is None:
+                    if not self._queue or None not in self._slots or self.state == STOPPED:
+                        return
+                    live = self._queue.popleft()
+                    live.slot = live.handle.slot = self._slots.index(None)
+                    live.admitted = time.monotonic()
+                    self._slots[live.slot] = live
+                    self._prefilling = live
+                    self.metrics.waiting.set(len(self._queue))
+                    self.metrics.running.set(sum(x is not None for x in self._slots))
+                    with self.metrics.lock:
+                        self.metrics.queue_time.observe(live.admitted - live.arrival)
+                live = self._prefilling
+                if live.cancelled:
+                    return   # the next sweep ends it
+            spent += self._prefill_chunk(live)
+
+    def _prefill_chunk(self, live: _Live) -> int:
+        """Feed the next chunk of a request's prompt; on its last chunk, deliver the first token."""
+        prompt, c = live.request.prompt, self.config
+        chunk = list(prompt[live.prefilled:live.prefilled + c.prefill_chunk])
+        final = live.prefilled + len(chunk) == len(prompt)
+        sampling = live.request.sampling
+        arm = steps.arm(live.request.max_tokens, sorted(live.stop_ids), c.max_stop_ids,
+                        0 if live.request.logprobs is None else live.request.logprobs, sampling,
+                        sampler.row_keys(live.seed, 1)[0])
+        out = self._prefill_call(live.slot, chunk, live.prefilled, final, arm)
+        live.prefilled += len(chunk)
+        with self.metrics.lock:
+            self.metrics.prompt_tokens.inc(len(chunk))
+            self.metrics.prefill_calls.inc()
+        if final:
+            ids, lps, top_ids, top_lps = jax.device_get(out)
+            with self._cv:
+                self._prefilling = None
+                self._deliver(live, ids[0], lps[0], top_ids[0], top_lps[0], time.monotonic())
+        return len(chunk)
+
+    def _prefill_call(self, slot: int, chunk: list[int], start: int, final: bool, arm: steps.Arm):
+        length = sampler.bucket(len(chunk), 16)
+        tokens, positions = sampler.pad_chunk([chunk], [start], length, self.model.config.pad_token_id)
+        self.device, out = steps.prefill(self.model.graphdef, self.model.state, self.device, np.int32(slot), tokens,
+                                         positions, np.bool_(final), arm, fresh=start == 0)
+        self.prefill_calls += 1
+        return out
+
+    def _decode_once(self) -> None:
+        n = self.config.decode_steps
+        live = max(slot for slot, x in enumerate(self._slots) if x is not None and x.first_token is not None) + 1
+        rows = next(b for b in self.buckets if b >= live)
+        self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(n), buffer=n,
+                                        rows=rows)
+        ids, lps, top_ids, top_lps = jax.device_get(out)
+        now = time.monotonic()
+        self.decode_calls += 1
+        with self.metrics.lock:
+            self.metrics.decode_calls.inc()
+        with self._cv:
+            for slot, live in enumerate(self._slots[:rows]):
+                if live is None or live.first_token is None or live.finished:
+                    continue
+                made = int((ids[slot] >= 0).sum())
+                if made:
+                    self._deliver(live, ids[slot, :made], lps[slot, :made], top_ids[slot, :made],
+                                  top_lps[slot, :made], now)
+
+    # ------------------------------------------------------------------------------ delivery
+    def _deliver(self, live: _Live, ids, lps, top_ids, top_lps, now: float) -> None:
+        """Hand a request its new tokens (lock held): text, logprobs, and the end when a stop id, a
+        stop string or max_tokens ends it. Tokens after the end (made in the same call) are dropped."""
+        request, text = live.request, ""
+        kept, logprobs, reason, consumed = [], [], None, 0
+        for i, token in enumerate(int(t) for t in ids):
+            consumed += 1
+            live.generated += 1
+            if token in live.stop_ids:
+                reason = FINISH_STOP
+                break
+            kept.append(token)
+            if request.logprobs is not None:
+                n = request.logprobs
+                logprobs.append(TokenLogprob(token, float(lps[i]),
+                                             [(int(a), float(b)) for a, b in zip(top_ids[i, :n], top_lps[i, :n])]))
+            if live.text is not None:
+                text += live.text.add([token])
+                if live.text.stopped:
+                    reason = FINISH_STOP
+                    break
+            if live.generated >= request.max_tokens:
+                reason = FINISH_LENGTH
+                break
+        with self.metrics.lock:
+            m = self.metrics
+            m.generation_tokens.inc(consumed)
+            if live.first_token is None:
+                live.first_token = now
+                m.ttft.observe(now - live.arrival)
+                m.prefill_time.observe(now - live.admitted)
+            else:
+                for _ in range(consumed):
+                    m.itl.observe((now - live.last_token) / consumed)
+            live.last_token = now
+        out = Output(text, kept, logprobs if request.logprobs is not None else None,
+                     prompt_tokens=len(request.prompt), completion_tokens=live.generated)
+        if reason is not None:
+            self._finish(live, reason, output=out)
+        else:
+            live.on_output(out)
+
+    def _finish(self, live: _Live, reason: str, error: str | None = None, output: Output | None = None) -> None:
+        """End a request (lock held): flush its text and deliver the last Output."""
+        if live.finished:
+            return
+        live.finished = True
+        out = output or Output(prompt_tokens=len(live.request.prompt), completion_tokens=live.generated,
+                               logprobs=[] if live.request.logprobs is not None else None)
+        if live.text is not None and reason in (FINISH_LENGTH, FINISH_STOP):
+            out.text += live.text.flush()
+        out.finish_reason, out.error = reason, error
+        now = time.monotonic()
+        with self.metrics.lock:
+            self.metrics.finished.inc(value=reason)
+            if reason in (FINISH_STOP, FINISH_LENGTH):
+                self.metrics.e2e.observe(now - live.arrival)
+                if live.first_token is not None:
+                    self.metrics.decode_time.observe(now - live.first_token)
+        try:
+            live.on_output(out)
+        except Exception:  # a consumer's bug must not stop the engine
+            traceback.print_exc()

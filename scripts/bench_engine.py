@@ -1,0 +1,142 @@
+"""The serving engine against the library's static paths, in one process on one model:
+
+- aggregate output tokens/s for C concurrent requests through the engine, against the same C
+  prompts as one static `generate_ids` batch and one after another (C = 1, 2, 4, 8 by default);
+- time to first token of a new request while 7 others decode, against the same request alone.
+
+Greedy, every request the same prompt length and exactly --gen-len new tokens (no stop ids), each
+figure the best of --repeats warm runs. Run it alone on the machine (cpu-exclusive).
+
+    python scripts/bench_engine.py                                  # the built-in default model
+    python scripts/bench_engine.py --preset 2b --repeats 1 --json docs/serving_engine_2b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import queue
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gemma_jax import sampler  # noqa: E402
+from gemma_jax.serving.engine import Engine, EngineConfig  # noqa: E402
+from gemma_jax.serving.launch import ModelSource  # noqa: E402
+from gemma_jax.serving.types import Request  # noqa: E402
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def engine_batch(engine: Engine, prompts, gen_len: int) -> None:
+    """Submit every prompt at once and wait for all of them."""
+    waits = []
+    for p in prompts:
+        q = queue.Queue()
+        engine.submit(Request(p, gen_len), q.put)
+        waits.append(q)
+    for q in waits:
+        while q.get(timeout=3600).finish_reason is None:
+            pass
+
+
+def first_token_time(engine: Engine, prompt, gen_len: int) -> tuple[float, queue.Queue]:
+    q = queue.Queue()
+    start = time.perf_counter()
+    engine.submit(Request(prompt, gen_len), q.put)
+    out = q.get(timeout=3600)
+    return time.perf_counter() - start, (q, out)
+
+
+def drain(q: queue.Queue, out) -> None:
+    while out.finish_reason is None:
+        out = q.get(timeout=3600)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", help="a converted checkpoint (default: the built-in default model)")
+    parser.add_argument("--preset", help="random weights of this shape instead, e.g. 2b")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--min-decode-batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    model = ModelSource(args.ckpt, args.preset, None, args.dtype).load_weights()
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    max_length = sampler.bucket(args.prompt_len + args.gen_len, 32)   # generate_ids' own cache length
+    config = EngineConfig(args.max_batch, max_length, 64, sampler.bucket(args.prompt_len, 16), args.decode_steps,
+                          min_decode_batch=args.min_decode_batch)
+    engine = Engine(model, config).start()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    result = {"model": args.preset or args.ckpt or "default", "dtype": args.dtype, "cpu": cpu,
+              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "engine": vars(args) | {"json": None},
+              "runs": []}
+    for c in concurrencies:
+        prompts = [rng.integers(3, vocab, args.prompt_len).tolist() for _ in range(c)]
+        tokens = c * args.gen_len
+        static = lambda: model.generate_ids(prompts, args.gen_len, stop_ids=[])  # noqa: E731
+        one_by_one = lambda: [model.generate_ids([p], args.gen_len, stop_ids=[]) for p in prompts]  # noqa: E731
+        served = lambda: engine_batch(engine, prompts, args.gen_len)  # noqa: E731
+        for fn in (static, one_by_one, served):   # warm-up: compile everything first
+            fn()
+        t_static, t_seq, t_engine = (best(fn, args.repeats) for fn in (static, one_by_one, served))
+        run = {"concurrency": c, "engine_tok_s": tokens / t_engine, "static_batch_tok_s": tokens / t_static,
+               "one_after_another_tok_s": tokens / t_seq}
+        run["engine_vs_static"] = run["engine_tok_s"] / run["static_batch_tok_s"]
+        run["engine_vs_one_after_another"] = run["engine_tok_s"] / run["one_after_another_tok_s"]
+        result["runs"].append(run)
+        print(f"C={c}: engine {run['engine_tok_s']:.2f} tok/s, static batch {run['static_batch_tok_s']:.2f}, "
+              f"one after another {run['one_after_another_tok_s']:.2f} -> engine/static "
+              f"{run['engine_vs_static']:.3f}, engine/sequential {run['engine_vs_one_after_another']:.2f}",
+              flush=True)
+
+    # TTFT of a new request: alone, then while max_batch - 1 others decode
+    probe = rng.integers(3, vocab, args.prompt_len).tolist()
+    alone = []
+    for _ in range(max(2, args.repeats)):
+        t, pending = first_token_time(engine, probe, 2)
+        drain(*pending)
+        alone.append(t)
+    others = [rng.integers(3, vocab, args.prompt_len).tolist() for _ in range(args.max_batch - 1)]
+    loaded = []
+    for _ in range(max(2, args.repeats)):
+        running = [first_token_time(engine, p, args.gen_len)[1] for p in others]   # all decoding now
+        t, pending = first_token_time(engine, probe, 2)
+        loaded.append(t)
+        for q in (*running, pending):
+            drain(*q)
+    result["ttft_alone_s"] = min(alone)
+    result["ttft_with_others_decoding_s"] = min(loaded)
+    result["others_decoding"] = args.max_batch - 1
+    print(f"TTFT alone {min(alone):.3f}s, while {args.max_batch - 1} others decode {min(loaded):.3f}s "
+          f"(decode calls of {args.decode_steps} tokens)")
+    engine.stop()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
