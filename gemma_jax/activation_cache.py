@@ -32,7 +32,7 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     'pattern2' -> 'blocks.2.attn.hook_pattern', ('scale', 4, 'ln1') -> 'blocks.4.ln1.hook_scale'."""
     if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
         return name
-    match = re.match(r"([a-z_]+?)(\d+)([a-z_]*)$", name)
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
     if match is not None:
         name, layer, layer_type = match.group(1), int(match.group(2)), match.group(3) or None
     name = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",

@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, help="its converted checkpoint (default: convert into a temp dir)")
     p.add_argument("--length", type=int, default=64, help="tokens per prompt (random ids without a tokenizer)")
     p.add_argument("--tolerance", type=float, default=2e-4, help="max |logit difference| that passes")
+
+    p = sub.add_parser("capture", help="write the activations at hook sites over text files (an SAE training set)")
+    p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+    p.add_argument("--text", type=Path, nargs="+", required=True, help="UTF-8 text files (documents)")
+    p.add_argument("--sites", nargs="+", required=True, help="hook sites or patterns, e.g. 'blocks.6.hook_resid_post'")
+    p.add_argument("--out", type=Path, required=True, help="output directory (re-run the same command to resume)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row, BOS first (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32", help="dtype on disk")
+    p.add_argument("--shard-mb", type=float, default=256, help="largest shard in MiB (default 256)")
+    p.add_argument("--max-rows", type=int, help="stop after this many rows")
     return parser
 
 
@@ -218,7 +230,25 @@ def _parity(args) -> None:
         raise GenerationError(f"parity: logits differ from HF by {figures['logits']:.2e} > {args.tolerance:g}")
 
 
-COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity}
+def _capture(args) -> None:
+    from gemma_jax import capture
+    from gemma_jax.api import load
+    spec = capture.CaptureSpec(tuple(args.sites), args.seq_len, args.batch_size, args.store_dtype,
+                               max(1, int(args.shard_mb * (1 << 20))), args.max_rows)
+    spec.check()
+    ckpt = args.ckpt
+    if ckpt is None:
+        from gemma_jax.convert import tqdm_progress
+        print(f"gemma-jax: using {default.DESCRIPTION}; pass --ckpt DIR for real weights", file=sys.stderr)
+        ckpt = default.checkpoint_dir(progress=tqdm_progress("converting the default model"))
+    model = load(ckpt, dtype=args.dtype)
+    manifest = capture.capture(model, args.text, args.out, spec, progress=sys.stderr.isatty())
+    print(f"wrote {manifest['rows']} rows ({manifest['tokens']} tokens) of {len(manifest['sites'])} site(s) "
+          f"in {len(manifest['shards'])} shard(s) to {args.out}", file=sys.stderr)
+
+
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity,
+            "capture": _capture}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -57,10 +57,15 @@ _BLOCK_SITES = (
     "ln2_post.hook_scale", "ln2_post.hook_normalized", "hook_mlp_out", "hook_resid_post")
 
 
-_BLOCK_ALIASES = {  # TransformerLens name -> our site, within block L
-    "ln1.hook_in": "hook_resid_pre", "attn.hook_in": "ln1.hook_out", "ln1_post.hook_in": "attn.hook_out",
+_BLOCK_ALIASES = {  # TransformerLens (TransformerBridge) name -> our site, within block L
+    "hook_in": "hook_resid_pre", "ln1.hook_in": "hook_resid_pre", "attn.hook_in": "ln1.hook_out",
+    "attn.q.hook_in": "ln1.hook_out", "attn.k.hook_in": "ln1.hook_out", "attn.v.hook_in": "ln1.hook_out",
+    "attn.q.hook_out": "attn.hook_q", "attn.k.hook_out": "attn.hook_k", "attn.v.hook_out": "attn.hook_v",
+    "attn.o.hook_in": "attn.hook_z", "attn.o.hook_out": "attn.hook_out", "ln1_post.hook_in": "attn.hook_out",
     "ln1_post.hook_out": "hook_attn_out", "ln2.hook_in": "hook_resid_mid", "mlp.hook_in": "ln2.hook_out",
-    "ln2_post.hook_in": "mlp.hook_out", "ln2_post.hook_out": "hook_mlp_out"}
+    "mlp.gate.hook_in": "ln2.hook_out", "mlp.in.hook_in": "ln2.hook_out", "mlp.gate.hook_out": "mlp.hook_pre",
+    "mlp.in.hook_out": "mlp.hook_pre_linear", "mlp.out.hook_in": "mlp.hook_post", "mlp.out.hook_out": "mlp.hook_out",
+    "ln2_post.hook_in": "mlp.hook_out", "ln2_post.hook_out": "hook_mlp_out", "hook_out": "hook_resid_post"}
 
 
 def site_names(config: GemmaConfig) -> list[str]:
@@ -76,7 +81,8 @@ def aliases(config: GemmaConfig) -> dict[str, str]:
     """TransformerLens's other names for our sites: {alias: site}."""
     out = {f"blocks.{layer}.{a}": f"blocks.{layer}.{s}"
            for layer in range(config.num_hidden_layers) for a, s in _BLOCK_ALIASES.items()}
-    out.update({"ln_final.hook_in": f"blocks.{config.num_hidden_layers - 1}.hook_resid_post",
+    out.update({"embed.hook_out": "hook_embed",
+                "ln_final.hook_in": f"blocks.{config.num_hidden_layers - 1}.hook_resid_post",
                 "unembed.hook_in": "ln_final.hook_out", "hook_unembed": "unembed.hook_out"})
     return out
 
