@@ -110,6 +110,30 @@ class Gemma:
             raise GenerationError(f"non-finite values (NaN/inf) first appear at {first}")
         return out
 
+    # ------------------------------------------------------------------------------ research
+    def run_with_cache(self, tokens, names=None, stop_at_layer: int | None = None, incl_grad=None,
+                       attention_mask=None, remove_batch_dim: bool = False, names_filter=None):
+        """(logits [B, T, V], ActivationCache) in one compiled call, TransformerLens style.
+
+        tokens: text (BOS added), ids [T] or [B, T]. names (or TransformerLens's names_filter): sites,
+        aliases, glob patterns or a predicate; None = every site. stop_at_layer=L: only layers < L
+        run (a smaller program) and the first output is the residual entering layer L.
+        incl_grad=fn: the cache also holds '{site}_grad', the gradient of the scalar fn(logits) at
+        each cached site (TransformerLens's incl_bwd). See docs/interpretability.md."""
+        from gemma_jax import interp
+        if names is not None and names_filter is not None:
+            raise GenerationError("pass names or names_filter, not both")
+        out, cache = interp.run(self, tokens, names if names_filter is None else names_filter,
+                                stop_at_layer=stop_at_layer, incl_grad=incl_grad, attention_mask=attention_mask)
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache
+
+    def run_with_hooks(self, tokens, hooks=(), stop_at_layer: int | None = None, attention_mask=None):
+        """Logits [B, T, V] (or the residual entering stop_at_layer) with `hooks` applied: {site or
+        pattern: fn(value) -> value}, or (site, fn) pairs. Hook functions are static under jit:
+        reuse the same objects to compile once."""
+        from gemma_jax import interp
+        out, _ = interp.run(self, tokens, (), hooks, stop_at_layer=stop_at_layer, attention_mask=attention_mask)
+        return out
 
     # ----------------------------------------------------------------------------- generation
     def generate_ids(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -174,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=64, metavar="N", help="tokens per prompt (random ids without a tokenizer)")
     p.add_argument("--tolerance", type=float, default=2e-4, help="max |logit difference| that passes")
 
+    p = sub.add_parser("capture", help="write the activations at hook sites over text files (an SAE training set)")
+    p.add_argument("--ckpt", type=_path, metavar="DIR",
+                   help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+    p.add_argument("--text", type=_path, nargs="+", required=True, metavar="FILE", help="UTF-8 text files (documents)")
+    p.add_argument("--sites", nargs="+", required=True, help="hook sites or patterns, e.g. 'blocks.6.hook_resid_post'")
+    p.add_argument("--out", type=_path, required=True, metavar="DIR",
+                   help="output directory (re-run the same command to resume)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="N", help="tokens per row, BOS first")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per forward pass")
+    p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32", help="dtype on disk")
+    p.add_argument("--shard-mb", type=float, default=256, metavar="MIB", help="largest shard in MiB")
+    p.add_argument("--max-rows", type=int, metavar="N", help="stop after this many rows")
+
     parser.description = f"Gemma 2 in JAX. Commands: {', '.join(sub.choices)}."   # every command, as added
     return parser
 
@@ -299,7 +313,7 @@ def _load(args):
     bad --attention."""
     from gemma_jax import checkpoint
     from gemma_jax.attention import attention_config
-    attention_config(args.attention)
+    attention_config(getattr(args, "attention", None))
     from gemma_jax.api import load
     mesh = None
     if args.mesh:
@@ -318,7 +332,8 @@ def _load(args):
     if sys.stderr.isatty():
         print(f"loading {ckpt} ...", end="", file=sys.stderr, flush=True)
     model = load(ckpt, dtype=args.dtype or ("float32" if args.ckpt is None else None), mesh=mesh,
-                 quantize=args.quantize, int8_mode=args.int8_mode, attention=args.attention)
+                 quantize=getattr(args, "quantize", None), int8_mode=getattr(args, "int8_mode", None),
+                 attention=getattr(args, "attention", None))
     if sys.stderr.isatty():
         print(f" done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model
@@ -483,8 +498,19 @@ def _parity(args) -> None:
                               f"{args.tolerance:g}{parity.explanation(figures)}")
 
 
+def _capture(args) -> None:
+    from gemma_jax import capture
+    spec = capture.CaptureSpec(tuple(args.sites), args.seq_len, args.batch_size, args.store_dtype,
+                               max(1, int(args.shard_mb * (1 << 20))), args.max_rows)
+    spec.check()
+    model = _load(args)
+    manifest = capture.capture(model, args.text, args.out, spec, progress=sys.stderr.isatty())
+    print(f"wrote {manifest['rows']} rows ({manifest['tokens']} tokens) of {len(manifest['sites'])} site(s) "
+          f"in {len(manifest['shards'])} shard(s) to {args.out}", file=sys.stderr)
+
+
 COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity,
-            "serve": _serve, "bench-serve": _bench_serve}
+            "serve": _serve, "bench-serve": _bench_serve, "capture": _capture}
 
 
 def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Small pure building blocks: RMSNorm, the scaled embedder, rotary embedding, soft-capping."""
+"""Small pure building blocks: RMSNorm, the scaled embedder, rotary embedding, soft-capping, and the
+two helpers every hook site goes through (`site`, `wants`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from flax import nnx
 from gemma_jax.quant import dense, lookup
 
 
+def site(hook, name: str, value: jax.Array) -> jax.Array:
+    """`hook(name, value)`, or the value itself when there is no hook (the program is then unchanged)."""
+    return value if hook is None else hook(name, value)
+
+
+def wants(hook, name: str) -> bool:
+    """Whether `hook` takes part at site `name`. A hook may list the sites it reads or edits in a
+    `sites` attribute; one without it sees every site. Sites that cost extra work (per-head results,
+    norm statistics) are computed only where this is true."""
+    if hook is None:
+        return False
+    sites = getattr(hook, "sites", None)
+    return sites is None or name in sites
+
+
 class RMSNorm(nnx.Module):
     """y = x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32 and cast back (zero-centred w)."""
 
@@ -18,9 +34,18 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, hook=None, name: str = "") -> jax.Array:
+        """With a hook that wants `{name}.hook_scale` or `{name}.hook_normalized`, the norm is computed
+        as TransformerLens writes it: scale = sqrt(mean(x^2) + eps) [..., 1] and normalized = x / scale
+        (both float32, before the weight), each passed through the hook. Otherwise (the plain path)
+        neither is materialized. The caller hooks the weighted output."""
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        mean_sq = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        if wants(hook, f"{name}.hook_scale") or wants(hook, f"{name}.hook_normalized"):
+            scale = hook(f"{name}.hook_scale", jnp.sqrt(mean_sq + self.eps))
+            y = hook(f"{name}.hook_normalized", x32 / scale)
+        else:
+            y = x32 * jax.lax.rsqrt(mean_sq + self.eps)
         return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
 
 

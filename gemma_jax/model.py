@@ -9,7 +9,9 @@ for the float one (stored [out..., in] with a float32 scale per output channel, 
 XLA:CPU's int8 product wants; docs/quantization.md): one forward pass for every dtype.
 
 Hook sites: every activation passes through `hook(name, value) -> value` when a hook is given
-(TransformerLens names, see hooks.py); with hook=None the program is exactly the plain forward.
+(TransformerLens names and meanings, see hooks.py); with hook=None the program is exactly the plain
+forward. Sites that cost extra work (`attn.hook_result`, the norms' `hook_scale`/`hook_normalized`)
+are computed only when the hook wants them (layers.wants).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from gemma_jax import cache as kv
 from gemma_jax import quant
 from gemma_jax.attention import AttentionConfig, attend, attention_config
 from gemma_jax.config import GemmaConfig
-from gemma_jax.layers import Embedder, RMSNorm, rope, softcap
-from gemma_jax.quant import dense
+from gemma_jax.layers import Embedder, RMSNorm, rope, softcap, wants
+from gemma_jax.layers import site as _site
+from gemma_jax.quant import QArray, dense
 
 Hook = Callable[[str, jax.Array], jax.Array]
 
@@ -38,10 +41,6 @@ IN_AXIS = {"embedder/embedding": 0, "attn/q": 0, "attn/k": 0, "attn/v": 0, "attn
 def weight_in_axis(name: str) -> int | None:
     """Input axis of a flat param name ("blocks/3/attn/o" -> 1), None for a norm."""
     return IN_AXIS.get(name.split("/", 2)[-1] if name.startswith("blocks/") else name)
-
-
-def _site(hook: Hook | None, name: str, value: jax.Array) -> jax.Array:
-    return value if hook is None else hook(name, value)
 
 
 def _dense(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
@@ -71,9 +70,10 @@ class Attention(nnx.Module):
         q = dense(x, self.q[...]).reshape(b, t, self.num_heads, self.head_dim)
         k = dense(x, self.k[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = dense(x, self.v[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q = _site(hook, f"{self.name}.hook_q", rope(q, positions, self.rope_theta))
-        k = _site(hook, f"{self.name}.hook_k", rope(k, positions, self.rope_theta))
+        q, k = _site(hook, f"{self.name}.hook_q", q), _site(hook, f"{self.name}.hook_k", k)
         v = _site(hook, f"{self.name}.hook_v", v)
+        q = _site(hook, f"{self.name}.hook_rot_q", rope(q, positions, self.rope_theta))
+        k = _site(hook, f"{self.name}.hook_rot_k", rope(k, positions, self.rope_theta))
 
         keys, values, key_pos = k, v, positions
         new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
@@ -92,10 +92,15 @@ class Attention(nnx.Module):
 
         z = attend(q, keys, values, positions, key_pos, scale=self.scale, softcap=self.softcap,
                    window=self.window, hook=hook, name=self.name, config=self.attention)
-        z = _site(hook, f"{self.name}.hook_z", z.reshape(b, t, -1))
-        out = dense(z, self.o[...], in_axis=1)
-
-        return out, new_cache
+        z = _site(hook, f"{self.name}.hook_z", z)                              # [B, T, N, H]
+        if wants(hook, f"{self.name}.hook_result"):  # per-head outputs, summed (only when asked for)
+            w_o = self.o[...]
+            w_o = (w_o.dequantize(dt) if isinstance(w_o, QArray) else w_o.astype(dt))   # [D, N*H]
+            per_head = jnp.einsum("BTNH,DNH->BTND", z, w_o.reshape(-1, self.num_heads, self.head_dim))
+            out = _site(hook, f"{self.name}.hook_result", per_head).sum(axis=2)
+        else:
+            out = dense(z.reshape(b, t, -1), self.o[...], in_axis=1)
+        return _site(hook, f"{self.name}.hook_out", out), new_cache
 
 
 class MLP(nnx.Module):
@@ -113,7 +118,7 @@ class MLP(nnx.Module):
         gate = _site(hook, f"{self.name}.hook_pre", gate_up[..., 0, :])
         up = _site(hook, f"{self.name}.hook_pre_linear", gate_up[..., 1, :])
         hidden = _site(hook, f"{self.name}.hook_post", jax.nn.gelu(gate, approximate=True) * up)
-        return dense(hidden, self.down[...], in_axis=1)
+        return _site(hook, f"{self.name}.hook_out", dense(hidden, self.down[...], in_axis=1))
 
 
 class Block(nnx.Module):
@@ -131,14 +136,17 @@ class Block(nnx.Module):
         self.name = f"blocks.{layer}"
 
     def __call__(self, x, positions, layer_cache, end, attend_cache, hook=None):
-        x = _site(hook, f"{self.name}.hook_resid_pre", x)
+        n = self.name
+        x = _site(hook, f"{n}.hook_resid_pre", x)
         with jax.named_scope("attention"):
-            attn, layer_cache = self.attn(self.pre_attn_norm(x), positions, layer_cache, end, attend_cache, hook)
-        x = _site(hook, f"{self.name}.hook_resid_mid",
-                  x + _site(hook, f"{self.name}.hook_attn_out", self.post_attn_norm(attn)))
+            h = _site(hook, f"{n}.ln1.hook_out", self.pre_attn_norm(x, hook, f"{n}.ln1"))
+            attn, layer_cache = self.attn(h, positions, layer_cache, end, attend_cache, hook)
+        attn_out = _site(hook, f"{n}.hook_attn_out", self.post_attn_norm(attn, hook, f"{n}.ln1_post"))
+        x = _site(hook, f"{n}.hook_resid_mid", x + attn_out)
         with jax.named_scope("mlp"):
-            mlp_out = _site(hook, f"{self.name}.hook_mlp_out", self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), hook)))
-        x = _site(hook, f"{self.name}.hook_resid_post", x + mlp_out)
+            h = _site(hook, f"{n}.ln2.hook_out", self.pre_ffw_norm(x, hook, f"{n}.ln2"))
+            mlp_out = _site(hook, f"{n}.hook_mlp_out", self.post_ffw_norm(self.mlp(h, hook), hook, f"{n}.ln2_post"))
+        x = _site(hook, f"{n}.hook_resid_post", x + mlp_out)
         return x, layer_cache
 
 
@@ -156,28 +164,38 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache | None = None,
-                 *, attend_cache: bool = True, hook: Hook | None = None) -> tuple[jax.Array, kv.KVCache | None]:
+                 *, attend_cache: bool = True, hook: Hook | None = None,
+                 stop_at_layer: int | None = None) -> tuple[jax.Array, kv.KVCache | None]:
         """tokens, positions [B, T] (position -1 = padding) -> final-normed hidden [B, T, D], cache.
 
         With a cache, queries also see the cached positions (unless attend_cache=False, for a
         prefill into an empty cache) and the new keys/values are written into it.
+        stop_at_layer=L (no cache): run layers 0..L-1 only and return the residual entering layer L
+        (blocks.L.hook_resid_pre; for L = num_layers, the last hook_resid_post) without the final norm.
         """
+        if stop_at_layer is not None and cache is not None:
+            raise ValueError("stop_at_layer runs without a KV cache")
         x = _site(hook, "hook_embed", self.embedder.encode(tokens, self.dtype))
         new_layers = []
         for i, block in enumerate(self.blocks):
+            if i == stop_at_layer:
+                break
             with jax.named_scope(f"block_{i}"):
                 layer_cache = None if cache is None else cache.layers[i]
                 end = None if cache is None else cache.end
                 x, layer_cache = block(x, positions, layer_cache, end, attend_cache, hook)
             new_layers.append(layer_cache)
-        x = _site(hook, "ln_final.hook_normalized", self.final_norm(x))
+        if stop_at_layer is not None:
+            return x, None
+        x = _site(hook, "ln_final.hook_out", self.final_norm(x, hook, "ln_final"))
         if cache is not None:
             cache = kv.KVCache(tuple(new_layers), kv.advance(cache.end, positions))
         return x, cache
 
     def logits(self, hidden: jax.Array, hook: Hook | None = None) -> jax.Array:
         """Final-normed hidden [..., D] -> soft-capped float32 logits [..., V]."""
-        return _site(hook, "hook_logits", softcap(self.embedder.decode(hidden), self.config.final_logit_softcapping))
+        logits = _site(hook, "unembed.hook_out", self.embedder.decode(hidden))
+        return _site(hook, "hook_logits", softcap(logits, self.config.final_logit_softcapping))
 
 
 def abstract_model(config: GemmaConfig, param_dtype=jnp.float32, dtype=jnp.float32,

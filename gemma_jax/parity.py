@@ -63,13 +63,13 @@ def check(hf_dir: str | Path, ckpt: str | Path | None = None, texts=("The capita
         ours = gemma_jax.load(ckpt, dtype="float32")
         ids = prompt_ids(ours, list(texts), length, seed)
         names = [f"blocks.{i}.hook_resid_pre" for i in range(ours.config.num_hidden_layers)]
-        logits, acts = interp.run_with_cache(ours, ids, names + ["ln_final.hook_normalized"])
+        logits, acts = interp.run_with_cache(ours, ids, names + ["ln_final.hook_out"])
         del ours
         gc.collect()
     hidden, hf_logits = hf_activations(hf_dir, ids)
     layers = [float(np.abs(acts[n] - h).max()) for n, h in zip(names, hidden)]
     return {"tokens": list(ids.shape), "layers": layers,
-            "final_norm": float(np.abs(acts["ln_final.hook_normalized"] - hidden[-1]).max()),
+            "final_norm": float(np.abs(acts["ln_final.hook_out"] - hidden[-1]).max()),
             "logits": float(np.abs(logits - hf_logits).max()),
             "logit_scale": float(np.abs(hf_logits).max()),
             "argmax_agreement": float((logits.argmax(-1) == hf_logits.argmax(-1)).mean()),

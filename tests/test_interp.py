@@ -86,15 +86,18 @@ def hf_sites(tiny, ids):
 
     m = hf.model
     on(m.embed_tokens, "hook_embed")
-    on(m.norm, "ln_final.hook_normalized")
+    on(m.norm, "ln_final.hook_out")
+    on(hf.lm_head, "unembed.hook_out")
     for i, layer in enumerate(m.layers):
         b, a = f"blocks.{i}", layer.self_attn
-        on(a.q_proj, f"{b}.q_raw"), on(a.k_proj, f"{b}.k_raw"), on(a.v_proj, f"{b}.attn.hook_v")
-        on(a.o_proj, f"{b}.attn.hook_z", pre=True)
+        on(layer.input_layernorm, f"{b}.ln1.hook_out")
+        on(a.q_proj, f"{b}.attn.hook_q"), on(a.k_proj, f"{b}.attn.hook_k"), on(a.v_proj, f"{b}.attn.hook_v")
+        on(a.o_proj, f"{b}.attn.hook_z", pre=True), on(a.o_proj, f"{b}.attn.hook_out")
         on(layer.post_attention_layernorm, f"{b}.hook_attn_out")
         on(layer.pre_feedforward_layernorm, f"{b}.hook_resid_mid", pre=True)
+        on(layer.pre_feedforward_layernorm, f"{b}.ln2.hook_out")
         on(layer.mlp.gate_proj, f"{b}.mlp.hook_pre"), on(layer.mlp.up_proj, f"{b}.mlp.hook_pre_linear")
-        on(layer.mlp.down_proj, f"{b}.mlp.hook_post", pre=True)
+        on(layer.mlp.down_proj, f"{b}.mlp.hook_post", pre=True), on(layer.mlp.down_proj, f"{b}.mlp.hook_out")
         on(layer.post_feedforward_layernorm, f"{b}.hook_mlp_out")
         on(layer, f"{b}.hook_resid_post")
     try:
@@ -107,20 +110,21 @@ def hf_sites(tiny, ids):
     hs = [x.numpy() for x in out.hidden_states]
     assert len(hs) == cfg.num_hidden_layers + 1
     # HF 5.x: hidden_states[i] is layer i's input; the last one is replaced by the FINAL-NORMED state.
-    np.testing.assert_array_equal(hs[-1], got["ln_final.hook_normalized"])
+    np.testing.assert_array_equal(hs[-1], got["ln_final.hook_out"])
     b_, t_ = ids.shape
     pos = torch.arange(t_)[None].expand(b_, t_)
     for i in range(cfg.num_hidden_layers):
         b = f"blocks.{i}"
         got[f"{b}.hook_resid_pre"] = hs[i]
         got[f"{b}.attn.hook_pattern"] = out.attentions[i].numpy()
-        got[f"{b}.attn.hook_v"] = got[f"{b}.attn.hook_v"].reshape(b_, t_, cfg.num_key_value_heads, cfg.head_dim)
-        q = torch.as_tensor(got.pop(f"{b}.q_raw")).view(b_, t_, -1, cfg.head_dim).transpose(1, 2)
-        k = torch.as_tensor(got.pop(f"{b}.k_raw")).view(b_, t_, -1, cfg.head_dim).transpose(1, 2)
+        for site in ("hook_q", "hook_k", "hook_v", "hook_z"):   # [B, T, N|K, H]
+            got[f"{b}.attn.{site}"] = got[f"{b}.attn.{site}"].reshape(b_, t_, -1, cfg.head_dim)
+        q = torch.as_tensor(got[f"{b}.attn.hook_q"]).transpose(1, 2)
+        k = torch.as_tensor(got[f"{b}.attn.hook_k"]).transpose(1, 2)
         cos, sin = m.rotary_emb(q, pos)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)                     # [B, N|K, T, H]
-        got[f"{b}.attn.hook_q"] = q.transpose(1, 2).numpy()
-        got[f"{b}.attn.hook_k"] = k.transpose(1, 2).numpy()
+        got[f"{b}.attn.hook_rot_q"] = q.transpose(1, 2).numpy()
+        got[f"{b}.attn.hook_rot_k"] = k.transpose(1, 2).numpy()
         # HF eager attention's scores (scaled, soft-capped), before its additive mask
         s = q @ repeat_kv(k, cfg.num_attention_heads // cfg.num_key_value_heads).transpose(2, 3)
         s = s * cfg.query_pre_attn_scalar ** -0.5
@@ -136,15 +140,16 @@ def _visible(cfg, layer, t=T):
     return vis & (q - k < cfg.sliding_window) if cfg.is_sliding(layer) else vis
 
 
-KINDS = ["hook_embed", "hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern",
-         "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_pre_linear",
-         "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_normalized", "hook_logits"]
+KINDS = ["hook_embed", "hook_resid_pre", "ln1.hook_out", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+         "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_pattern", "attn.hook_z", "attn.hook_out", "hook_attn_out",
+         "hook_resid_mid", "ln2.hook_out", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "mlp.hook_out",
+         "hook_mlp_out", "hook_resid_post", "ln_final.hook_out", "unembed.hook_out", "hook_logits"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_site_matches_hf(tiny, cache, hf_sites, kind, report):
     _, ours = tiny
-    top_level = kind in ("hook_embed", "ln_final.hook_normalized", "hook_logits")
+    top_level = kind in ("hook_embed", "ln_final.hook_out", "unembed.hook_out", "hook_logits")
     names = interp.resolve(ours.config, kind if top_level else f"blocks.*.{kind}")
     worst = 0.0
     for name in names:
@@ -193,11 +198,15 @@ def test_site_catalogue_order_and_shapes(tiny, ids):
     b, d, f, n, k, h, v = 2, c.hidden_size, c.intermediate_size, c.num_attention_heads, \
         c.num_key_value_heads, c.head_dim, c.vocab_size
     want = {"hook_embed": (b, T, d), "hook_resid_pre": (b, T, d), "attn.hook_q": (b, T, n, h),
-            "attn.hook_k": (b, T, k, h), "attn.hook_v": (b, T, k, h), "attn.hook_attn_scores": (b, n, T, T),
-            "attn.hook_pattern": (b, n, T, T), "attn.hook_z": (b, T, n * h), "hook_attn_out": (b, T, d),
+            "attn.hook_k": (b, T, k, h), "attn.hook_v": (b, T, k, h), "attn.hook_rot_q": (b, T, n, h),
+            "attn.hook_rot_k": (b, T, k, h), "attn.hook_attn_scores": (b, n, T, T),
+            "attn.hook_pattern": (b, n, T, T), "attn.hook_z": (b, T, n, h), "attn.hook_result": (b, T, n, d),
+            "attn.hook_out": (b, T, d), "hook_attn_out": (b, T, d),
             "hook_resid_mid": (b, T, d), "mlp.hook_pre": (b, T, f), "mlp.hook_pre_linear": (b, T, f),
-            "mlp.hook_post": (b, T, f), "hook_mlp_out": (b, T, d), "hook_resid_post": (b, T, d),
-            "ln_final.hook_normalized": (b, T, d), "hook_logits": (b, T, v)}
+            "mlp.hook_post": (b, T, f), "mlp.hook_out": (b, T, d), "hook_mlp_out": (b, T, d),
+            "hook_resid_post": (b, T, d), "unembed.hook_out": (b, T, v), "hook_logits": (b, T, v)}
+    for norm in ("ln1", "ln1_post", "ln2", "ln2_post", "ln_final"):
+        want.update({f"{norm}.hook_scale": (b, T, 1), f"{norm}.hook_normalized": (b, T, d), f"{norm}.hook_out": (b, T, d)})
     for name, shape in seen:
         assert tuple(shape) == want[re.sub(r"^blocks\.\d+\.", "", name)], name
 
@@ -210,21 +219,31 @@ def _program(lowered, compiled=False):
     return re.sub(r", metadata=\{[^}]*\}", "", text)
 
 
+def _hook_at(sites):
+    """An identity hook that declares the sites it takes part in (layers.wants)."""
+    def hook(name, value):
+        return value
+    hook.sites = frozenset(sites)
+    return hook
+
+
 def test_unused_hooks_cost_nothing(tiny, ids, plain_logits):
     """What this shows: (1) Gemma.logits' program (a forward that never mentions hooks) and
     interp.forward with hook=None lower to the same StableHLO; (2) tracing with an identity hook at
-    every site adds only the reshapes around the two [B, N, T, S] attention sites, so hook=None adds
-    no operation of its own; (3) after XLA, identity hooks at every site compile to the very same
-    executable as hook=None, and give bit-identical logits through run_with_hooks.
+    every site that costs nothing extra adds only the reshapes around the two [B, N, T, S] attention
+    sites, so hook=None adds no operation of its own; (3) after XLA, those identity hooks compile to
+    the very same executable as hook=None, and give bit-identical logits through run_with_hooks;
+    (4) the optional sites (per-head results, norm statistics) change the program only when a hook
+    asks for them, and only in the layer asked for.
     What it does not show: that *capturing* sites is free. Storing activations makes them program
     outputs, which changes XLA's fusion (and rounding, at the 1e-7 relative level) and memory."""
     _, ours = tiny
+    cfg = ours.config
     tok = jnp.asarray(ids, jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), ids.shape)
     fwd = jax.jit(interp.forward, static_argnums=(0, 4))
-
-    def identity(name, value):
-        return value
+    plain_sites = [n for n in hooks.site_names(cfg) if not hooks.is_optional(n)]
+    identity = _hook_at(plain_sites)
     plain = api._forward_logits.lower(ours.graphdef, ours.state, tok, pos)
     none = fwd.lower(ours.graphdef, ours.state, tok, pos, None)
     ident = fwd.lower(ours.graphdef, ours.state, tok, pos, identity)
@@ -233,11 +252,21 @@ def test_unused_hooks_cost_nothing(tiny, ids, plain_logits):
     def ops(hook):
         jaxpr = jax.make_jaxpr(interp.forward, static_argnums=(0, 4))(ours.graphdef, ours.state, tok, pos, hook)
         return Counter(e.primitive.name for e in jaxpr.jaxpr.eqns)
-    assert ops(identity) - ops(None) == Counter(reshape=4 * ours.config.num_hidden_layers)
+    assert ops(identity) - ops(None) == Counter(reshape=4 * cfg.num_hidden_layers)
     assert not ops(None) - ops(identity)
 
     assert _program(none, compiled=True) == _program(ident, compiled=True)
-    np.testing.assert_array_equal(interp.run_with_hooks(ours, ids, {"*": lambda x: x}), plain_logits)
+    np.testing.assert_array_equal(interp.run_with_hooks(ours, ids, {n: lambda x: x for n in plain_sites}),
+                                  plain_logits)
+
+    n_layers = cfg.num_hidden_layers
+    for kind in ("attn.hook_result", "ln1.hook_scale", "ln2_post.hook_normalized"):
+        one = ops(_hook_at(plain_sites + [f"blocks.1.{kind}"]))
+        every = ops(_hook_at(plain_sites + [f"blocks.{i}.{kind}" for i in range(n_layers)]))
+        base = ops(identity)
+        assert one != base, kind
+        assert every - base == Counter({k: n_layers * v for k, v in (one - base).items()}), kind
+        assert base - every == Counter({k: n_layers * v for k, v in (base - one).items()}), kind
 
 
 # ------------------------------------------------------------------------------- interventions
@@ -307,7 +336,7 @@ def test_head_ablation_changes_only_what_comes_after(tiny, ids, cache):
     order = hooks.site_names(cfg)
     for name in order[:order.index(z_site)]:                   # everything before: untouched, exactly
         np.testing.assert_array_equal(abl[name], cache[1][name], err_msg=name)
-    z, z0 = abl[z_site].reshape(2, T, -1, h), cache[1][z_site].reshape(2, T, -1, h)
+    z, z0 = abl[z_site], cache[1][z_site]
     assert (z[:, :, head] == 0).all() and (np.abs(z0[:, :, head]) > 0).any()
     np.testing.assert_array_equal(np.delete(z, head, axis=2), np.delete(z0, head, axis=2))
     changed = np.abs(abl[f"blocks.{layer}.hook_attn_out"] - cache[1][f"blocks.{layer}.hook_attn_out"]).max(-1)
@@ -600,16 +629,18 @@ def test_resolve(tiny, ids):
     _, ours = tiny
     cfg = ours.config
     every = interp.resolve(cfg, None)
-    assert every == tuple(hooks.site_names(cfg)) and len(every) == 1 + 14 * cfg.num_hidden_layers + 2
+    assert every == tuple(hooks.site_names(cfg)) and len(every) == 1 + 29 * cfg.num_hidden_layers + 5
     assert interp.resolve(cfg, "blocks.*.hook_resid_post") == tuple(
         f"blocks.{i}.hook_resid_post" for i in range(cfg.num_hidden_layers))
     assert interp.resolve(cfg, ["hook_logits", "hook_embed", "hook_embed"]) == ("hook_embed", "hook_logits")
     assert interp.resolve(cfg, "blocks.1.attn.hook_[qkv]") == tuple(f"blocks.1.attn.hook_{x}" for x in "qkv")
-    assert len(interp.resolve(cfg, "blocks.2.*")) == 14
+    assert len(interp.resolve(cfg, "blocks.2.*")) == 29
+    assert interp.resolve(cfg, "blocks.*.ln1_post.hook_out") == interp.resolve(cfg, "blocks.*.hook_attn_out")
+    assert interp.resolve(cfg, lambda n: n.endswith("ln2.hook_in")) == interp.resolve(cfg, "blocks.*.hook_resid_mid")
     for bad in ("blocks.3.hook_resid_pre", "hook_resid_pre", "blocks.0.hook_nope", ""):
         with pytest.raises(GenerationError, match="no hook site matches"):
             interp.resolve(cfg, bad)
     with pytest.raises(GenerationError, match="no hook site matches"):
-        interp.run_with_hooks(ours, ids, {"blocks.0.attn.hook_result": lambda x: x})
+        interp.run_with_hooks(ours, ids, {"blocks.0.attn.hook_results": lambda x: x})
     with pytest.raises(GenerationError, match="no hook site matches"):
         interp.run_with_cache(ours, ids, ["hook_embed", "blocks.*.hook_scores"])
