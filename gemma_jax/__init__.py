@@ -3,8 +3,10 @@
 from gemma_jax.api import Gemma, load
 from gemma_jax.config import GemmaConfig, gemma2_2b, gemma2_9b, gemma2_27b
 from gemma_jax.convert import convert
-from gemma_jax.errors import CheckpointError, ConfigError, GemmaError, GemmaWarning, GenerationError, TokenizerError
+from gemma_jax.errors import (CheckpointError, ConfigError, EvaluationError, GemmaError, GemmaWarning, GenerationError,
+                              TokenizerError)
 
 __all__ = ["Gemma", "GemmaConfig", "load", "convert", "gemma2_2b", "gemma2_9b", "gemma2_27b",
-           "GemmaError", "GemmaWarning", "ConfigError", "CheckpointError", "TokenizerError", "GenerationError"]
+           "GemmaError", "GemmaWarning", "ConfigError", "CheckpointError", "TokenizerError", "GenerationError",
+           "EvaluationError"]
 __version__ = "0.1.0"

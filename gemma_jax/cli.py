@@ -37,7 +37,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gemma-jax", description="Gemma 2 in JAX: convert, generate, chat.")
+    parser = _Parser(prog="gemma-jax", description="Gemma 2 in JAX: convert, generate, chat, score, eval.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--compile-cache", type=Path, default=DEFAULT_COMPILE_CACHE,
                         help=f"persistent XLA compilation cache directory (default: {DEFAULT_COMPILE_CACHE})")
@@ -83,7 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, help="its converted checkpoint (default: convert into a temp dir)")
     p.add_argument("--length", type=int, default=64, help="tokens per prompt (random ids without a tokenizer)")
     p.add_argument("--tolerance", type=float, default=2e-4, help="max |logit difference| that passes")
+    _add_evaluation(sub)
     return parser
+
+
+def _add_evaluation(sub) -> None:
+    """`score` and `eval` (docs/evaluation.md)."""
+    p = sub.add_parser("score", help="perplexity and bits per byte of text files (rolling windows), as JSON")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+    p.add_argument("--window", type=int, help="tokens fed per forward (default: max_position_embeddings)")
+    p.add_argument("--stride", type=int, help="tokens scored per window after the first (default: window // 2)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward (default 2048)")
+    p.add_argument("--output", type=Path, help="also write the JSON to this file")
+    p.set_defaults(temperature=0.0, top_k=None, top_p=None, max_new_tokens=0)  # what _load checks
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on the model (needs the eval extra)")
+    p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+    p.add_argument("--tasks", required=True, help="task names, comma-separated")
+    p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--include-path", type=Path, help="a directory of local task YAML files")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward (default 2048)")
+    p.add_argument("--output", type=Path, help="write lm-eval's results as JSON to this file")
+    p.add_argument("--sae", type=Path, help="a Gemma Scope params.npz spliced in at --sae-site (steered evaluation)")
+    p.add_argument("--sae-site", help="the hook site of --sae, e.g. blocks.12.hook_resid_post")
+    p.add_argument("--sae-steer", action="append", default=[], metavar="FEATURE=SCALE",
+                   help="add SCALE to an SAE feature's activation (repeatable)")
+    p.add_argument("--sae-reconstruct", action="store_true",
+                   help="run on the SAE's reconstruction (no error term): the SAE's downstream cost")
+    p.set_defaults(temperature=0.0, top_k=None, top_p=None, max_new_tokens=0)  # what _load checks
 
 
 def _setup_jax(args) -> None:
@@ -218,7 +249,29 @@ def _parity(args) -> None:
         raise GenerationError(f"parity: logits differ from HF by {figures['logits']:.2e} > {args.tolerance:g}")
 
 
-COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity}
+def _score_files(args) -> None:
+    import json
+
+    from gemma_jax.evaluation import Batching, perplexity
+    batching = Batching(max_tokens=args.batch_tokens)
+    figures = perplexity.score_files(_load(args), args.files, args.window, args.stride, batching,
+                                     progress=sys.stderr.isatty())
+    text = json.dumps({"ckpt": args.ckpt or "default", **figures}, indent=1)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+
+
+def _eval(args) -> None:
+    from gemma_jax.evaluation import load_harness
+    harness = load_harness()
+    print(harness.run_eval(_load(args), args.tasks, args.limit, args.num_fewshot, args.include_path,
+                           args.batch_tokens, args.sae, args.sae_site, tuple(args.sae_steer),
+                           args.sae_reconstruct, args.output))
+
+
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity,
+            "score": _score_files, "eval": _eval}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

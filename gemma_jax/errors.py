@@ -21,5 +21,9 @@ class GenerationError(GemmaError):
     """Generation arguments or prompts that cannot be honoured."""
 
 
+class EvaluationError(GemmaError):
+    """Scoring or evaluation requests, files, tasks or options that cannot be used."""
+
+
 class GemmaWarning(UserWarning):
     """Something accepted but worth a loud note (e.g. float16 weights converted to float32)."""
