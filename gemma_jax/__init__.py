@@ -4,10 +4,10 @@ from gemma_jax.api import Gemma, load
 from gemma_jax.config import GemmaConfig, gemma2_2b, gemma2_9b, gemma2_27b
 from gemma_jax.convert import convert
 from gemma_jax.default import load_default
-from gemma_jax.errors import (CheckpointError, ConfigError, DependencyError, GemmaError, GemmaWarning, GenerationError,
-                              TokenizerError)
+from gemma_jax.errors import (CheckpointError, ConfigError, DependencyError, EvaluationError, GemmaError, GemmaWarning,
+                              GenerationError, TokenizerError)
 
 __all__ = ["Gemma", "GemmaConfig", "load", "load_default", "convert", "gemma2_2b", "gemma2_9b", "gemma2_27b",
            "GemmaError", "GemmaWarning", "ConfigError", "CheckpointError", "TokenizerError", "GenerationError",
-           "DependencyError"]
+           "DependencyError", "EvaluationError"]
 __version__ = "0.1.0"

@@ -14,8 +14,9 @@ from gemma_jax import cache as kv
 from gemma_jax import checkpoint, checks, quant, sampler
 from gemma_jax import hooks as hooks_lib
 from gemma_jax.config import GemmaConfig
-from gemma_jax.errors import GenerationError, TokenizerError
+from gemma_jax.errors import EvaluationError, GenerationError, TokenizerError
 from gemma_jax.attention import AttentionConfig, attention_config
+from gemma_jax.evaluation import scoring
 from gemma_jax.model import Transformer, abstract_model, set_attention, weight_in_axis
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -134,6 +135,39 @@ class Gemma:
         from gemma_jax import interp
         out, _ = interp.run(self, tokens, (), hooks, stop_at_layer=stop_at_layer, attention_mask=attention_mask)
         return out
+
+    # ------------------------------------------------------------------------------- scoring
+    def score(self, texts_or_ids, hooks=None, window: int | None = None, stride: int | None = None,
+              batching: scoring.Batching | None = None):
+        """Per-token log-probabilities: for a sequence x (a text, encoded with BOS as HF does, or
+        token ids), float32 [len(x) - 1] holding log P(x[t] | x[:t]) for t >= 1; a list for a list.
+
+        Batched in length buckets; sequences longer than `window` (default max_position_embeddings)
+        are scored in rolling windows (evaluation.scoring.rolling_pairs). `hooks` as in generate.
+        """
+        single = isinstance(texts_or_ids, str) or (
+            len(texts_or_ids) > 0 and isinstance(texts_or_ids[0], (int, np.integer)))
+        items = [texts_or_ids] if single else list(texts_or_ids)
+        if not items:
+            raise EvaluationError("score needs at least one text or token-id sequence")
+        if all(isinstance(x, str) for x in items):
+            tok = self._need_tokenizer()
+            items = [tok.encode(x) for x in items]
+        elif any(isinstance(x, str) for x in items):
+            raise EvaluationError("score takes texts or token-id sequences, not a mix")
+        out = scoring.token_logprobs(self, items, window, stride, hooks, batching or scoring.Batching())
+        return out[0] if single else out
+
+    def loglikelihood(self, context, continuation, hooks=None, batching: scoring.Batching | None = None):
+        """lm-eval's loglikelihood of a continuation given a context (strings, or equal-length lists
+        of them): (sum of the continuation tokens' log-probabilities, whether greedy decoding would
+        produce exactly them). Tokenized as lm-eval's TemplateLM does (evaluation.scoring.encode_pair)."""
+        single = isinstance(context, str)
+        contexts, continuations = ([context], [continuation]) if single else (list(context), list(continuation))
+        if len(contexts) != len(continuations):
+            raise EvaluationError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        out = scoring.loglikelihoods(self, contexts, continuations, hooks, batching or scoring.Batching())
+        return out[0] if single else out
 
     # ----------------------------------------------------------------------------- generation
     def generate_ids(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -25,6 +25,10 @@ class DependencyError(GemmaError):
     """An optional package that a command needs (torch, transformers, matplotlib) is not installed."""
 
 
+class EvaluationError(GemmaError):
+    """Scoring or evaluation requests, files, tasks or options that cannot be used."""
+
+
 class GemmaWarning(UserWarning):
     """Something accepted but worth a loud note (e.g. float16 weights converted to float32)."""
 
