@@ -561,9 +561,9 @@ def _eval(args) -> None:
                            args.sae_reconstruct, args.output))
 
 
-COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "parity": _parity,
-            "serve": _serve, "bench-serve": _bench_serve, "capture": _capture,
-            "score": _score_files, "eval": _eval}
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "serve": _serve,
+            "bench-serve": _bench_serve, "parity": _parity, "capture": _capture, "score": _score_files,
+            "eval": _eval}
 
 
 def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:

@@ -1034,7 +1034,7 @@ def gen_hook_shape(t):
 
 
 @case("generate", "a hook that returns another dtype", GenerationError,
-      "the hook at blocks.1.attn.hook_z returned bfloat16[1, 3, 64], expected float32[1, 3, 64]")
+      "the hook at blocks.1.attn.hook_z returned bfloat16[1, 3, 4, 16], expected float32[1, 3, 4, 16]")
 def gen_hook_dtype(t):
     import jax.numpy as jnp
     interp.run_with_hooks(t.base.model, [[2, 3, 4]], {"blocks.1.attn.hook_z": lambda z: z.astype(jnp.bfloat16)})

@@ -478,7 +478,7 @@ def test_sae_load_errors(tmp_path, tiny, ids):
     assert [saelib.site_for(k, 2) for k in ("res", "mlp", "att")] == \
         ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.attn.hook_z"]
     with pytest.raises(GenerationError, match="SAE kind"):
-        saelib.site_for("transcoder", 0)
+        saelib.site_for("nope", 0)
 
 
 # ------------------------------------------------------------------------------- lens and DLA

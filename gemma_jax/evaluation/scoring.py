@@ -197,9 +197,11 @@ def _score_shared(model, pairs, groups, hook, batching, out, progress):
     groups = sorted(groups, key=lambda g: (-len(pairs[g[0]][0]), g[0]))
     pad = model.config.pad_token_id
     while groups:
-        # cache length >= the whole context, so the last context token's write never wraps
-        length = bucket(len(pairs[groups[0][0]][0]), MIN_LENGTH)
+        # cache length >= context + continuation: a continuation's writes never wrap a global layer's
+        # buffer (which holds position p at slot p; model.Attention attends over the buffer)
+        length = bucket(max(len(pairs[i][0]) + len(pairs[i][1]) for i in groups[0]), MIN_LENGTH)
         batch = groups[:_pow2_floor(min(batching.max_rows, batching.max_tokens // length))]
+        length = bucket(max(len(pairs[i][0]) + len(pairs[i][1]) for grp in batch for i in grp), MIN_LENGTH)
         groups = groups[len(batch):]
         g = bucket(len(batch), 1)
         prefixes = [pairs[grp[0]][0][:-1] for grp in batch] + [[]] * (g - len(batch))
