@@ -1,6 +1,6 @@
 """The serving engine without HTTP, against references: `generate_ids` on each prompt alone and HF
 `generate` (greedy), the no-cache forward pass (logprobs, top alternatives, penalties), the engine
-itself alone vs under load (bit for bit), and the compile budget.
+itself alone vs under load, and the compile budget.
 
 The engine here has 4 slots, 256 positions, prefill chunks of 32 tokens (so longer prompts are
 prefilled in pieces between decode calls) and 4 tokens per decode call.
@@ -80,7 +80,8 @@ def lp(c: Completion) -> list[float]:
 def test_greedy_equals_generate_ids_in_every_slot_and_mix(engine, prompts, reference, report):
     """Each prompt alone, then in every slot beside the others while sampled requests take the
     slots that free up (the batch changes under it): the same tokens as generate_ids on the prompt
-    alone, and the same bits as alone."""
+    alone, and logprobs within 1e-5 of alone (a decode over 4 rows is a different XLA program from
+    one over 2: the last bits may differ, see docs/serving.md)."""
     assert max(map(len, prompts)) > CONFIG.prefill_chunk            # one prompt is prefilled in chunks
     assert max(map(len, prompts)) + NEW > engine.model.config.sliding_window
     alone = [run_all(engine, [Request(p, NEW, logprobs=0)])[0][0] for p in prompts]
@@ -102,7 +103,7 @@ def test_greedy_equals_generate_ids_in_every_slot_and_mix(engine, prompts, refer
         for c, i, n, slot in zip(out, order, lengths, slots):
             seen.add((i, slot))
             assert c.token_ids == reference[i][0][:n]
-            assert lp(c) == lp(alone[i])[:n]   # bit for bit whatever shares the batch
+            np.testing.assert_allclose(lp(c), lp(alone[i])[:n], rtol=0, atol=1e-5)
         assert all(c.finish_reason == "length" for c in out[4:])
     assert seen == {(i, s) for i in range(4) for s in range(CONFIG.max_batch)}
 
@@ -138,7 +139,8 @@ def test_seeded_sampling_is_the_same_alone_and_under_load(engine, prompts):
     loaded = run_all(engine, [Request(prompts[1], 50, Sampling(temperature=1.0), seed=1), Request(prompts[2], 50),
                               Request(prompts[0], 40, s, seed=123, logprobs=0)])[0][2]
     assert alone.token_ids == again.token_ids == loaded.token_ids
-    assert lp(alone) == lp(loaded)
+    assert lp(alone) == lp(again)   # the same programs: the same bits
+    np.testing.assert_allclose(lp(loaded), lp(alone), rtol=0, atol=1e-5)
     other = run_all(engine, [Request(prompts[0], 40, s, seed=124)])[0][0]
     greedy = run_all(engine, [Request(prompts[0], 40)])[0][0]
     assert other.token_ids != alone.token_ids and greedy.token_ids != alone.token_ids

@@ -1,7 +1,8 @@
 """`gemma-jax serve` as a real process on 127.0.0.1 (the default model, one server for the module),
 driven by the official `openai` client and httpx: OpenAI's formats, greedy output equal to
-`generate_ids`, seeded sampling, every refused request, 64 concurrent requests against a queue of
-8, a client that disconnects mid-stream, 503 while starting, and SIGTERM draining to exit 0.
+`generate_ids`, seeded sampling, UTF-8 safe streaming of Japanese, every refused request, 64
+concurrent requests against a queue of 8, a client that disconnects mid-stream, 503 while
+starting, and SIGTERM draining to exit 0.
 """
 
 import asyncio
@@ -151,6 +152,25 @@ def test_seeded_sampling_repeats(client):
     assert a == b == streamed and a != c
 
 
+def test_streamed_japanese_is_whole_characters(client):
+    """A Japanese prompt (byte-fallback pieces), sampled hot so that multi-byte characters come out
+    a byte at a time: every prefix of the stream is a prefix of the whole text (no character split
+    into U+FFFD and taken back), and the chunks add up to the non-streamed text of the same seed."""
+    kw = dict(model=MODEL, prompt="日本の首都は東京です。富士山は", max_tokens=48, temperature=1.5,
+              extra_body={"ignore_eos": True})
+    multibyte = 0
+    for seed in range(3):
+        whole = client.completions.create(**kw, seed=seed).choices[0].text
+        text, pieces = "", 0
+        for chunk in client.completions.create(**kw, seed=seed, stream=True):
+            text += "".join(c.text for c in chunk.choices)
+            pieces += 1
+            assert whole.startswith(text), (text, whole)
+        assert text == whole and pieces > 3
+        multibyte += sum(len(ch.encode()) > 1 and ch != "\ufffd" for ch in whole)
+    assert multibyte >= 3, "no multi-byte characters came out: the test would be vacuous"
+
+
 def test_logprobs(client, model, reference):
     ids, expected = reference[PROMPTS[0]]
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=3)
@@ -283,6 +303,26 @@ def test_64_concurrent_requests_complete_or_get_429(server, reference, report):
     assert delta("vllm:prompt_tokens_total") == sum(u.prompt_tokens for _, _, u in done)
     assert delta("vllm:e2e_request_latency_seconds_count") == len(done)
     assert metric(after, "vllm:num_requests_running") == metric(after, "vllm:num_requests_waiting") == 0
+
+
+def test_bench_serve_against_the_server(server, tmp_path):
+    """`gemma-jax bench-serve` (a sweep of two concurrencies, every request streamed with a mix of
+    sampling settings): every request completes, and its token counts agree with /metrics."""
+    from gemma_jax import cli
+    before = metrics(server)
+    out = tmp_path / "load.json"
+    assert cli.main(["--no-compile-cache", "bench-serve", "--url", server.url, "--concurrency", "1,3", "--requests", "4",
+                     "--prompt-len", "4:40", "--max-tokens", "6", "--json", str(out),
+                     "--plot", str(tmp_path / "load.png")]) == 0
+    results = json.loads(out.read_text())
+    assert [r["spec"]["concurrency"] for r in results] == [1, 3] and (tmp_path / "load.png").stat().st_size > 0
+    for r in results:
+        assert r["completed"] == 4 and r["failures"] == {} and r["output_tokens"] == 4 * 6
+        assert 0 < r["ttft_s"]["p50"] <= r["e2e_s"]["p50"] and r["itl_s"]["p99"] > 0
+    after = metrics(server)
+    delta = lambda name, **kw: metric(after, name, **kw) - metric(before, name, **kw)  # noqa: E731
+    assert delta("vllm:generation_tokens_total") == 8 * 6
+    assert delta("vllm:prompt_tokens_total") == sum(r["prompt_tokens"] for r in results)
 
 
 def test_a_client_that_disconnects_frees_its_slot(server, report):
