@@ -235,9 +235,10 @@ def test_queue_bound_and_drain(model, prompts):
     engine = Engine(model, dataclasses.replace(CONFIG, max_queue=2)).start(warmup=False)   # compiled already
     try:
         results = [queue.Queue() for _ in range(CONFIG.max_batch + 2)]
-        running = [engine.submit(Request(prompts[0], 60), q.put) for q in results[:CONFIG.max_batch]]
-        while any(h.slot is None for h in running):   # admitted
-            threading.Event().wait(0.01)
+        for q in results[:CONFIG.max_batch]:   # one at a time, each admitted before the next (queue of 2)
+            handle = engine.submit(Request(prompts[0], 60), q.put)
+            while handle.slot is None:
+                threading.Event().wait(0.01)
         for q in results[CONFIG.max_batch:]:
             engine.submit(Request(prompts[0], 60), q.put)   # every slot runs, two wait
         with pytest.raises(QueueFullError, match="queue is full"):
