@@ -24,7 +24,7 @@ from gemma_jax.sampler import Sampling
 from gemma_jax.serving import steps
 from gemma_jax.serving.engine import Engine, EngineConfig
 from gemma_jax.serving.types import Completion, Request
-from hf_oracle import hf_generate, hf_model, save, with_real_tokenizer
+from hf_oracle import TINY_REAL_VOCAB, hf_generate, hf_model, save, with_real_tokenizer
 
 CONFIG = EngineConfig(max_batch=4, max_length=256, max_queue=16, prefill_chunk=32, decode_steps=4)
 TEXTS = ["class Parser:", "def read_config(path):", "import os\nimport sys\n", "x = 1\n" * 15]
@@ -297,9 +297,7 @@ def test_compiled_programs_are_bounded_by_the_shapes(model, report):
 # ------------------------------------------------------------------------------ UTF-8 streaming
 @pytest.fixture(scope="module")
 def real_vocab_model(tmp_path_factory):
-    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("real"), seed=3, embed_std=0.1, hidden_size=16,
-                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                               query_pre_attn_scalar=8, max_position_embeddings=512)
+    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("real"), seed=3, max_position_embeddings=512, **TINY_REAL_VOCAB)
     return gemma_jax.load(ckpt)
 
 
