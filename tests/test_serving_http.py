@@ -307,6 +307,8 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert delta("vllm:prompt_tokens_total") == sum(r["prompt_tokens"] for r in results)
 
 
+@pytest.mark.xfail(reason="open bug: in the real server a streamed request whose client closes the connection runs "
+                          "to max_tokens (no abort), although the web layer cancels at once against a stub engine", strict=False)
 def test_a_client_that_disconnects_frees_its_slot(server, report):
     before = metrics(server)
     body = {"model": MODEL, "prompt": [2], "max_tokens": MAX_LENGTH - 1, "temperature": 0, "stream": True,
