@@ -225,19 +225,20 @@ def _add_evaluation(sub) -> None:
 
 def _add_serving(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (see docs/serving.md)")
-    p.add_argument("--ckpt", help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
+    p.add_argument("--ckpt", type=_path, metavar="DIR",
+                   help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
     p.add_argument("--preset", choices=["2b", "9b", "27b", "tiny"], help="serve random weights of this shape "
                    "(benchmarks; needs --tokenizer)")
-    p.add_argument("--tokenizer", help="a tokenizer.model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", type=_path, metavar="FILE", help="a tokenizer.model (default: the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the 'serving' line says which)")
     p.add_argument("--model-name", help="the model id clients send and see (default: from --ckpt/--preset)")
-    p.add_argument("--max-batch", type=int, default=8, help="decode slots (default 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429 (default 64)")
-    p.add_argument("--max-length", type=int, default=1024, help="prompt + generated tokens per request (default 1024)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call (default 256)")
-    p.add_argument("--decode-steps", type=int, default=8, help="tokens per decode call and host round trip (default 8)")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
+    p.add_argument("--max-length", type=int, default=1024, help="prompt + generated tokens per request")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
+    p.add_argument("--decode-steps", type=int, default=8, help="tokens per decode call and host round trip")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds SIGTERM waits for running requests")
     p.add_argument("--no-warmup", action="store_true", help="compile on the first request instead of at start")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -247,20 +248,21 @@ def _add_serving(sub) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--rate", type=float, default=float("inf"), help="requests per second, Poisson (default: all at once)")
     p.add_argument("--concurrency", default="8", help="requests in flight; comma-separated for a sweep, e.g. 1,2,4,8")
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency (default 32)")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency")
     p.add_argument("--prompt-len", default="16:128", help="prompt tokens, uniform in LO:HI (default 16:128)")
     p.add_argument("--max-tokens", default="16:64", help="output tokens, uniform in LO:HI (default 16:64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
-    p.add_argument("--plot", type=Path, help="draw throughput and p99 latency against concurrency to this PNG")
+    p.add_argument("--json", type=_path, help="write the figures to this JSON file")
+    p.add_argument("--plot", type=_path, help="draw throughput and p99 latency against concurrency to this PNG")
 
 
 def _serve(args) -> None:
     from gemma_jax.serving import launch
     from gemma_jax.serving.engine import EngineConfig
     from gemma_jax.serving.server import ServeOptions
-    source = launch.ModelSource(args.ckpt, args.preset, args.tokenizer, args.dtype)
+    source = launch.ModelSource(args.ckpt and str(args.ckpt), args.preset, args.tokenizer and str(args.tokenizer),
+                                args.dtype)
     config = EngineConfig(args.max_batch, args.max_length, args.max_queue, args.prefill_chunk, args.decode_steps)
     if not 0 <= args.port < 65536:
         raise GenerationError(f"--port must be in [0, 65535], got {args.port}")

@@ -60,6 +60,11 @@ def hf_generate(hf, prompt, n, eos=None):
     return out[0, len(prompt):].tolist()
 
 
+# A tiny shape whose sampled text over the real vocabulary is varied (Japanese included)
+TINY_REAL_VOCAB = dict(embed_std=0.1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8)
+
+
 def with_real_tokenizer(root: Path, **overrides) -> Path:
     """A tiny HF model with the real Gemma 2 vocabulary (tokenizer.model copied in), converted;
     skips the calling test when GEMMA_JAX_TOKENIZER_DIR is not set."""

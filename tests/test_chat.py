@@ -16,16 +16,14 @@ from gemma_jax import cli
 from gemma_jax.api import TextStream
 from gemma_jax.chat import ChatSession
 from gemma_jax.errors import GemmaWarning, GenerationError
-from hf_oracle import with_real_tokenizer
+from hf_oracle import TINY_REAL_VOCAB, with_real_tokenizer
 
 END_OF_TURN, NEWLINE = 107, 108
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("chat"), seed=2, embed_std=0.1, hidden_size=16,
-                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                               query_pre_attn_scalar=8, max_position_embeddings=1024)
+    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("chat"), seed=2, max_position_embeddings=1024, **TINY_REAL_VOCAB)
     return gemma_jax.load(ckpt)
 
 

@@ -1,6 +1,6 @@
 """The serving engine without HTTP, against references: `generate_ids` on each prompt alone and HF
 `generate` (greedy), the no-cache forward pass (logprobs, top alternatives, penalties), the engine
-itself alone vs under load (bit for bit), and the compile budget.
+itself alone vs under load, and the compile budget.
 
 The engine here has 4 slots, 256 positions, prefill chunks of 32 tokens (so longer prompts are
 prefilled in pieces between decode calls) and 4 tokens per decode call.
@@ -24,7 +24,7 @@ from gemma_jax.sampler import Sampling
 from gemma_jax.serving import steps
 from gemma_jax.serving.engine import Engine, EngineConfig
 from gemma_jax.serving.types import Completion, Request
-from hf_oracle import hf_generate, hf_model, save, with_real_tokenizer
+from hf_oracle import TINY_REAL_VOCAB, hf_generate, hf_model, save, with_real_tokenizer
 
 CONFIG = EngineConfig(max_batch=4, max_length=256, max_queue=16, prefill_chunk=32, decode_steps=4)
 TEXTS = ["class Parser:", "def read_config(path):", "import os\nimport sys\n", "x = 1\n" * 15]
@@ -80,7 +80,8 @@ def lp(c: Completion) -> list[float]:
 def test_greedy_equals_generate_ids_in_every_slot_and_mix(engine, prompts, reference, report):
     """Each prompt alone, then in every slot beside the others while sampled requests take the
     slots that free up (the batch changes under it): the same tokens as generate_ids on the prompt
-    alone, and the same bits as alone."""
+    alone, and logprobs within 1e-5 of alone (a decode over 4 rows is a different XLA program from
+    one over 2: the last bits may differ, see docs/serving.md)."""
     assert max(map(len, prompts)) > CONFIG.prefill_chunk            # one prompt is prefilled in chunks
     assert max(map(len, prompts)) + NEW > engine.model.config.sliding_window
     alone = [run_all(engine, [Request(p, NEW, logprobs=0)])[0][0] for p in prompts]
@@ -102,7 +103,7 @@ def test_greedy_equals_generate_ids_in_every_slot_and_mix(engine, prompts, refer
         for c, i, n, slot in zip(out, order, lengths, slots):
             seen.add((i, slot))
             assert c.token_ids == reference[i][0][:n]
-            assert lp(c) == lp(alone[i])[:n]   # bit for bit whatever shares the batch
+            np.testing.assert_allclose(lp(c), lp(alone[i])[:n], rtol=0, atol=1e-5)
         assert all(c.finish_reason == "length" for c in out[4:])
     assert seen == {(i, s) for i in range(4) for s in range(CONFIG.max_batch)}
 
@@ -138,7 +139,8 @@ def test_seeded_sampling_is_the_same_alone_and_under_load(engine, prompts):
     loaded = run_all(engine, [Request(prompts[1], 50, Sampling(temperature=1.0), seed=1), Request(prompts[2], 50),
                               Request(prompts[0], 40, s, seed=123, logprobs=0)])[0][2]
     assert alone.token_ids == again.token_ids == loaded.token_ids
-    assert lp(alone) == lp(loaded)
+    assert lp(alone) == lp(again)   # the same programs: the same bits
+    np.testing.assert_allclose(lp(loaded), lp(alone), rtol=0, atol=1e-5)
     other = run_all(engine, [Request(prompts[0], 40, s, seed=124)])[0][0]
     greedy = run_all(engine, [Request(prompts[0], 40)])[0][0]
     assert other.token_ids != alone.token_ids and greedy.token_ids != alone.token_ids
@@ -233,9 +235,10 @@ def test_queue_bound_and_drain(model, prompts):
     engine = Engine(model, dataclasses.replace(CONFIG, max_queue=2)).start(warmup=False)   # compiled already
     try:
         results = [queue.Queue() for _ in range(CONFIG.max_batch + 2)]
-        running = [engine.submit(Request(prompts[0], 60), q.put) for q in results[:CONFIG.max_batch]]
-        while any(h.slot is None for h in running):   # admitted
-            threading.Event().wait(0.01)
+        for q in results[:CONFIG.max_batch]:   # one at a time, each admitted before the next (queue of 2)
+            handle = engine.submit(Request(prompts[0], 60), q.put)
+            while handle.slot is None:
+                threading.Event().wait(0.01)
         for q in results[CONFIG.max_batch:]:
             engine.submit(Request(prompts[0], 60), q.put)   # every slot runs, two wait
         with pytest.raises(QueueFullError, match="queue is full"):
@@ -294,9 +297,7 @@ def test_compiled_programs_are_bounded_by_the_shapes(model, report):
 # ------------------------------------------------------------------------------ UTF-8 streaming
 @pytest.fixture(scope="module")
 def real_vocab_model(tmp_path_factory):
-    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("real"), seed=3, embed_std=0.1, hidden_size=16,
-                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                               query_pre_attn_scalar=8, max_position_embeddings=512)
+    ckpt = with_real_tokenizer(tmp_path_factory.mktemp("real"), seed=3, max_position_embeddings=512, **TINY_REAL_VOCAB)
     return gemma_jax.load(ckpt)
 
 

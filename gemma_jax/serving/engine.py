@@ -11,9 +11,11 @@ One thread (the engine loop) owns the device state. Each iteration it
    tokens and text through its `on_output` callback.
 
 Determinism: every row of the decode step is computed by row-wise operations and matrix products
-whose rows do not depend on the other rows (see docs/serving.md), the sampling of a row draws from
-its own seed folded with its own step count, and prefill runs one request at a time. A request's
-tokens therefore do not depend on what shares the batch or which slot it lands in.
+whose rows do not depend on the other rows' values, the sampling of a row draws from its own seed
+folded with its own step count, and prefill runs one request at a time. A request's tokens
+therefore do not depend on what shares the batch or which slot it lands in. Decode programs for
+different row buckets are different XLA programs, so logits may differ in the last bits (about
+1e-6; see docs/serving.md): a token could change only at an exact tie, which the tests never saw.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ class EngineConfig:
     decode_steps: int = 8       # tokens per row per decode call (host round trip)
     max_stop_ids: int = 8       # stop ids per request
     # Decode runs over a power-of-two bucket of slots holding every live row, at least this many.
-    # 2 (the default) keeps every decode a multi-row matrix product, whose rows XLA:CPU computes
-    # bit for bit alike at any row count; 1 lets a lone request use the faster one-row product, at
-    # the price of last-bit differences between a request alone and under load.
+    # 2 (the default) keeps every decode a multi-row matrix product (XLA:CPU computes a one-row
+    # product by another kernel, with other rounding); 1 lets a lone request use the faster one-row
+    # product. Buckets differ in their last bits either way (see docs/serving.md).
     min_decode_batch: int = 2
 
     def __post_init__(self):

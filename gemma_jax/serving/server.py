@@ -181,8 +181,8 @@ async def _generate(http: HTTPRequest, backend: Backend, parsed: openai_api.Pars
         raise openai_api.engine_error(e) from None
     tokenizer = backend.info.tokenizer
     if parsed.stream:
-        return StreamingResponse(_stream(parsed, handle, outputs, tokenizer), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _EventStream(_stream(http, parsed, handle, outputs, tokenizer), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
     collected = []
     try:
         while True:
@@ -206,15 +206,32 @@ async def _generate(http: HTTPRequest, backend: Backend, parsed: openai_api.Pars
                                last.prompt_tokens, last.completion_tokens, tokenizer)
 
 
-async def _stream(parsed, handle, outputs: asyncio.Queue, tokenizer):
-    """Server-sent events; on a client's disconnect the generator is closed and the request
-    cancelled (finally)."""
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that closes its generator however the response ends, a failed send to a
+    client that left included (Starlette leaves that generator to the garbage collector), so the
+    request is cancelled at once."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _stream(http: HTTPRequest, parsed, handle, outputs: asyncio.Queue, tokenizer):
+    """Server-sent events; when the client disconnects (seen by a failed send, or by polling while
+    no token comes, e.g. in the queue) the generator is closed and the request cancelled (finally)."""
     chunker = openai_api.Chunker(parsed, tokenizer)
     try:
         for chunk in chunker.start():
             yield _sse(chunk)
         while True:
-            out = await outputs.get()
+            try:
+                out = await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return
+                continue
             if out.finish_reason in (FINISH_ERROR, FINISH_ABORT):
                 error = APIError(500 if out.finish_reason == FINISH_ERROR else 503, out.error or "aborted")
                 yield _sse(error.body())
