@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from gemma_jax import hooks as hooks_lib
-from gemma_jax.errors import CheckpointError, GenerationError
+from gemma_jax.errors import CheckpointError, GenerationError, TokenizerError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -178,13 +178,16 @@ def capture(model, texts, out_dir, spec: CaptureSpec, progress: bool = False,
     arguments on an existing out_dir are refused. on_batch(state) is called after every batch."""
     from gemma_jax import interp
     spec.check()
-    tokenizer = model._need_tokenizer()
+    if model.tokenizer is None:
+        raise TokenizerError("capture tokenizes text files: this checkpoint has no tokenizer.model")
+    tokenizer = model.tokenizer
     files = [Path(t) for t in texts]
     if not files:
         raise GenerationError("capture needs at least one text file")
     for f in files:
         if not f.is_file():
             raise GenerationError(f"{f}: no such text file")
+        next(_text_chunks(f), None)  # a binary or mis-encoded file is refused before anything is written
     sites = hooks_lib.resolve(model.config, spec.sites)
     if spec.seq_len > model.config.max_position_embeddings:
         raise GenerationError(f"seq_len {spec.seq_len} exceeds max_position_embeddings "
@@ -235,8 +238,8 @@ def capture(model, texts, out_dir, spec: CaptureSpec, progress: bool = False,
                 value = np.asarray(store[s][:len(batch)])
                 stored = value.astype(storage)
                 if storage != value.dtype and not np.isfinite(stored).all() and np.isfinite(value).all():
-                    raise GenerationError(f"{s}: activations overflow float16 (max |x| "
-                                          f"{float(np.abs(value).max()):.3g}); capture with --dtype float32")
+                    raise GenerationError(f"{s}: activations overflow float16 (max |x| {float(np.abs(value).max()):.3g}); "
+                                          "capture with --store-dtype float32")
                 arrays[s] = stored
             if shard is None:
                 shard = _ShardFile(out_dir / f"shard_{len(manifest['shards']):05d}.safetensors", specs, shard_rows)

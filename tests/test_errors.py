@@ -199,6 +199,7 @@ SECTIONS = {
     "load": "Loading a checkpoint",
     "generate": "Generating",
     "cli": "The command line (checked before a model is loaded or run)",
+    "research": "Research: hook sites, activation caches, SAEs, activation capture",
 }
 
 
@@ -1156,6 +1157,101 @@ def cli_parity_no_hf(t):
 def cli_parity_no_transformers(t):
     _without(t, "transformers")
     _cli("parity", "--hf", t.hf())
+# ---------------------------------------------------------------- research
+IDS = [[2, 5, 9, 11]]
+
+
+@case("research", "hook site pattern that matches nothing", GenerationError,
+      "no hook site matches 'blocks.*.hook_resid'")
+def research_no_site(t):
+    t.base.model.run_with_cache(IDS, names=["blocks.*.hook_resid"])
+
+
+@case("research", "stop_at_layer outside the model", GenerationError, "stop_at_layer must be an integer in [-3, 3], got 4")
+def research_stop_at_layer(t):
+    t.base.model.run_with_cache(IDS, stop_at_layer=4)
+
+
+@case("research", "incl_grad with stop_at_layer", GenerationError, "incl_grad needs the logits")
+def research_grad_and_stop(t):
+    t.base.model.run_with_cache(IDS, incl_grad=lambda logits: logits.sum(), stop_at_layer=1)
+
+
+@case("research", "a cache helper needing a site that was not cached", GenerationError,
+      "needs blocks.0.attn.hook_z in the cache")
+def research_uncached(t):
+    t.base.model.run_with_cache(IDS, names=["hook_embed"])[1].stack_head_results()
+
+
+@case("research", "logit_attrs for a token outside the vocabulary", GenerationError,
+      f"tokens must be ids in [0, {VOCAB})")
+def research_attr_token(t):
+    _, cache = t.base.model.run_with_cache(IDS, names=["hook_embed", "ln_final.hook_scale"])
+    cache.logit_attrs(cache.decompose_resid(layer=0), VOCAB)
+
+
+def _saelens_dir(t, **cfg_changes):
+    from gemma_jax import sae
+    d = sae.SAE(np.ones((32, 4)), np.ones((4, 32)), np.zeros(4), np.zeros(32), np.zeros(4),
+                hook_name="blocks.0.hook_resid_post").save(t.tmp / "sae")
+    cfg = json.loads((d / "cfg.json").read_text())
+    (d / "cfg.json").write_text(json.dumps({**cfg, **cfg_changes}))
+    return d
+
+
+@case("research", "SAELens directory without sae_weights.safetensors", CheckpointError,
+      "TMP/sae/sae_weights.safetensors: missing")
+def research_sae_no_weights(t):
+    from gemma_jax import sae
+    (_saelens_dir(t) / "sae_weights.safetensors").unlink()
+    sae.SAE.load(t.tmp / "sae")
+
+
+@case("research", "SAELens architecture we do not run", CheckpointError, "architecture 'gated' is not supported")
+def research_sae_gated(t):
+    from gemma_jax import sae
+    sae.SAE.load(_saelens_dir(t, architecture="gated"))
+
+
+@case("research", "saving an SAE over an existing directory", CheckpointError, "TMP/sae: already exists")
+def research_sae_exists(t):
+    from gemma_jax import sae
+    sae.SAE.load(_saelens_dir(t)).save(t.tmp / "sae")
+
+
+@case("research", "capture with a model without a tokenizer", TokenizerError,
+      "capture tokenizes text files: this checkpoint has no tokenizer.model")
+def research_capture_no_tokenizer(t):
+    from gemma_jax import capture
+    (t.tmp / "a.txt").write_text("def f():\n    return 1\n")
+    capture.capture(t.base.model, [t.tmp / "a.txt"], t.out, capture.CaptureSpec(("hook_embed",), seq_len=8))
+
+
+@case("research", "capture of a text file that is not UTF-8", GenerationError, "TMP/a.txt: not UTF-8 text",
+      tokenizer=True)
+def research_capture_not_utf8(t):
+    from gemma_jax import capture
+    (t.tmp / "a.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    capture.capture(t.base.chat_model, [t.tmp / "a.txt"], t.out, capture.CaptureSpec(("hook_embed",), seq_len=8))
+
+
+@case("research", "capture into a directory that is not a capture", GenerationError,
+      "OUT_DIR: exists and is not a capture directory", tokenizer=True, after=lambda t: None)
+def research_capture_busy(t):
+    from gemma_jax import capture
+    (t.tmp / "a.txt").write_text("def f():\n    return 1\n")
+    t.out.mkdir()
+    (t.out / "notes.txt").write_text("mine")
+    capture.capture(t.base.chat_model, [t.tmp / "a.txt"], t.out, capture.CaptureSpec(("hook_embed",), seq_len=8))
+
+
+@case("research", "resuming a capture with other settings", GenerationError,
+      "TMP/acts holds a capture with different 'seq_len'", tokenizer=True)
+def research_capture_other_settings(t):
+    from gemma_jax import capture
+    (t.tmp / "a.txt").write_text("def f():\n    return 1\n" * 20)
+    capture.capture(t.base.chat_model, [t.tmp / "a.txt"], t.tmp / "acts", capture.CaptureSpec(("hook_embed",), seq_len=8))
+    capture.capture(t.base.chat_model, [t.tmp / "a.txt"], t.tmp / "acts", capture.CaptureSpec(("hook_embed",), seq_len=9))
 
 
 # ----------------------------------------------------------------------------------------- running

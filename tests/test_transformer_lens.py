@@ -91,24 +91,19 @@ def test_every_shared_hook_name_matches_transformer_lens(models, runs, report):
     assert max(worst.values()) <= TOL
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(apply_ln=True), dict(incl_mid=True, apply_ln=True),
-                                    dict(layer=2, apply_ln=True), dict(layer=1, mlp_input=True, apply_ln=True),
-                                    dict(pos_slice=-1, apply_ln=True), dict(layer=2, pos_slice=(3, 11))])
-def test_accumulated_resid_matches_transformer_lens(runs, kwargs):
+@pytest.mark.parametrize("helper,kwargs", [
+    ("accumulated_resid", kw) for kw in (dict(), dict(apply_ln=True), dict(incl_mid=True, apply_ln=True),
+                                         dict(layer=2, apply_ln=True), dict(layer=1, mlp_input=True, apply_ln=True),
+                                         dict(pos_slice=-1, apply_ln=True), dict(layer=2, pos_slice=(3, 11)))] + [
+    ("decompose_resid", kw) for kw in (dict(), dict(apply_ln=True), dict(mode="attn"), dict(mode="mlp", layer=2),
+                                       dict(layer=2, mlp_input=True, apply_ln=True),
+                                       dict(pos_slice=(2, 9), apply_ln=True),
+                                       dict(incl_embeds=False, pos_slice=[0, 5, 15]))])
+def test_resid_helpers_match_transformer_lens(runs, helper, kwargs):
+    """accumulated_resid and decompose_resid: the same labels and values as TransformerLens's."""
     _, cache, _, tl = runs
-    mine, labels = cache.accumulated_resid(**kwargs, return_labels=True)
-    ref, tl_labels = tl.accumulated_resid(**kwargs, return_labels=True)
-    assert labels == tl_labels
-    np.testing.assert_allclose(_np(mine), _np(ref), atol=TOL, rtol=0)
-
-
-@pytest.mark.parametrize("kwargs", [dict(), dict(apply_ln=True), dict(mode="attn"), dict(mode="mlp", layer=2),
-                                    dict(layer=2, mlp_input=True, apply_ln=True), dict(pos_slice=(2, 9), apply_ln=True),
-                                    dict(incl_embeds=False, pos_slice=[0, 5, 15])])
-def test_decompose_resid_matches_transformer_lens(runs, kwargs):
-    _, cache, _, tl = runs
-    mine, labels = cache.decompose_resid(**kwargs, return_labels=True)
-    ref, tl_labels = tl.decompose_resid(**kwargs, return_labels=True)
+    mine, labels = getattr(cache, helper)(**kwargs, return_labels=True)
+    ref, tl_labels = getattr(tl, helper)(**kwargs, return_labels=True)
     assert labels == tl_labels
     np.testing.assert_allclose(_np(mine), _np(ref), atol=TOL, rtol=0)
 
