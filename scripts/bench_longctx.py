@@ -5,9 +5,9 @@ against T for each attention implementation.
 
     python scripts/bench_longctx.py run --side jax --length 8192 [--json FILE]
     python scripts/bench_longctx.py run --side hf --length 8192 [--json FILE]
-    python scripts/bench_longctx.py temp --lengths 512,1024,2048,4096,8192 [--json FILE]
+    python scripts/bench_longctx.py temp --lengths 512,1024,2048,4096,8192 [--chunks 512,1024,2048] [--json FILE]
     python scripts/bench_longctx.py attn --lengths 256,512,1024,2048,4096,8192 --blocks 256,512,1024
-    python scripts/bench_longctx.py plot FILE... --out docs/longctx_memory.png
+    python scripts/bench_longctx.py plot docs/longctx.json --out docs/longctx_memory.png
 
 `run` measures one length per process: the model is built, the programs are compiled ahead of
 time (and their compiled memory read), the high-water mark of resident memory is reset
@@ -118,9 +118,11 @@ def run_hf(length: int) -> dict:
     return out
 
 
-def temp_memory(lengths: list[int], impls: list[str]) -> list[dict]:
-    """Compiled temporary bytes of the fresh prefill program (sampler.start) for each T, from
-    abstract weights (nothing is allocated)."""
+def temp_memory(lengths: list[int], impls: list[str], chunks: list[int] = (), cache_len: int = 8192) -> list[dict]:
+    """Compiled memory of the 2B prefill programs, from abstract weights (nothing is allocated):
+    the fresh whole-prompt program (sampler.start, cache of T) for each T and implementation, and
+    the chunk program (sampler.prefill_chunk: C tokens appended to a cache of `cache_len`) for each
+    chunk size C, with the one-token decode program over that cache."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -131,21 +133,34 @@ def temp_memory(lengths: list[int], impls: list[str]) -> list[dict]:
     from gemma_jax.config import gemma2_2b
     from gemma_jax.model import abstract_model
     config = gemma2_2b()
+    stops = jax.ShapeDtypeStruct((4,), jnp.int32)
     rows = []
+
+    def record(program, impl, t, compiled, **extra):
+        m = compiled.memory_analysis()
+        rows.append({"program": program, "impl": impl, "length": t, **extra,
+                     "temp_GiB": m.temp_size_in_bytes / 2**30, "argument_GiB": m.argument_size_in_bytes / 2**30})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
     for impl in impls:
+        graphdef, state = nnx.split(abstract_model(config, attention=AttentionConfig(impl=impl)))
         for t in lengths:
-            model = abstract_model(config, attention=AttentionConfig(impl=impl))
-            graphdef, state = nnx.split(model)
             cache = jax.eval_shape(lambda: kv.init_cache(config, 1, t, jnp.float32))
             tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-            stops = jax.ShapeDtypeStruct((4,), jnp.int32)
-            compiled = sampler.start.lower(graphdef, state, cache, tokens, tokens, jax.random.key(0), stops,
-                                           jnp.int32(0), sampling=sampler.Sampling(), buffer=1,
-                                           fresh=True).compile()
-            m = compiled.memory_analysis()
-            rows.append({"impl": impl, "length": t, "temp_GiB": m.temp_size_in_bytes / 2**30,
-                         "argument_GiB": m.argument_size_in_bytes / 2**30})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            record("whole prompt (start)", impl, t, sampler.start.lower(
+                graphdef, state, cache, tokens, tokens, jax.random.key(0), stops, jnp.int32(0),
+                sampling=sampler.Sampling(), buffer=1, fresh=True).compile())
+    if chunks:
+        graphdef, state = nnx.split(abstract_model(config))
+        cache = jax.eval_shape(lambda: kv.init_cache(config, 1, cache_len, jnp.float32))
+        for c in chunks:
+            tokens = jax.ShapeDtypeStruct((1, c), jnp.int32)
+            record("chunk (prefill_chunk)", "auto", c, sampler.prefill_chunk.lower(
+                graphdef, state, cache, tokens, tokens, fresh=False, logits=False).compile(), cache=cache_len)
+        loop = jax.eval_shape(lambda c: sampler.Loop(c, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)),
+                                                     jnp.zeros((1,), bool), jnp.int32(1), jax.random.key(0)), cache)
+        record("decode", "auto", 1, sampler.decode.lower(graphdef, state, loop, stops, jnp.int32(0), jnp.int32(1),
+                                                         sampling=sampler.Sampling()).compile(), cache=cache_len)
     return rows
 
 
@@ -185,10 +200,12 @@ def plot(files: list[str], out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for f in files for r in json.loads(Path(f).read_text())]
+    # one line per series: a row's "file" (a name for the runs of one version), else its label
+    rows = [r for f in files for r in json.loads(Path(f).read_text()) if "peak_rss_GiB" in r]
+    series = lambda r: r.get("file") or r.get("label") or r["side"]  # noqa: E731
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label in sorted({r.get("label", r["side"]) for r in rows}):
-        pts = sorted((r["length"], r["peak_rss_GiB"]) for r in rows if r.get("label", r["side"]) == label)
+    for label in sorted({series(r) for r in rows}):
+        pts = sorted((r["length"], r["peak_rss_GiB"]) for r in rows if series(r) == label)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
     target = [r for r in rows if "target_GiB" in r]
     if target:
@@ -217,6 +234,8 @@ def main() -> None:
     p = sub.add_parser("temp")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192")
     p.add_argument("--impls", default="xla,blockwise")
+    p.add_argument("--chunks", default="", help="chunk sizes for the chunk program, e.g. 512,1024,2048")
+    p.add_argument("--cache", type=int, default=8192, help="cache length the chunks are appended to")
     p.add_argument("--json")
     p = sub.add_parser("attn")
     p.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
@@ -231,7 +250,8 @@ def main() -> None:
     if args.cmd == "attn":
         result = attention_times([int(t) for t in args.lengths.split(",")], [int(b) for b in args.blocks.split(",")])
     elif args.cmd == "temp":
-        result = temp_memory([int(t) for t in args.lengths.split(",")], args.impls.split(","))
+        result = temp_memory([int(t) for t in args.lengths.split(",") if t], [i for i in args.impls.split(",") if i],
+                             [int(c) for c in args.chunks.split(",") if c], args.cache)
     else:
         result = [run_jax(args.length, args.attention, args.once) if args.side == "jax" else run_hf(args.length)]
         if args.label:

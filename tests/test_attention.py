@@ -156,6 +156,13 @@ def test_hooked_scores_force_the_dense_path():
     assert att.choose(config, 20, True, lambda name, x: x, "blocks.1.attn") == "xla"  # unknown sites
 
 
+def test_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(att.ENV, raising=False)
+    assert att.attention_config(None) == att.AttentionConfig()
+    monkeypatch.setenv(att.ENV, "blockwise,block_q=4")
+    assert att.attention_config(None) == att.AttentionConfig(impl="blockwise", block_q=4)
+
+
 def test_choice_and_config():
     auto = att.AttentionConfig(blockwise_from=1024)
     assert att.choose(auto, 1, False) == "xla" and att.choose(auto, 1023, True) == "xla"

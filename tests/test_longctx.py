@@ -9,7 +9,7 @@ import pytest
 import gemma_jax
 from gemma_jax import cache as kv
 from gemma_jax import sampler
-from gemma_jax.attention import AttentionConfig
+from gemma_jax.attention import ENV, AttentionConfig
 from hf_oracle import hf_generate, hf_logits, hf_model, save
 
 SMALL_BLOCKS = AttentionConfig(impl="blockwise", block_q=4, block_kv=8)
@@ -96,7 +96,9 @@ def narrow(tmp_path_factory):
     hf = hf_model(seed=5, embed_std=0.1, **LONG)
     save(hf, root / "hf")
     gemma_jax.convert(root / "hf", root / "ckpt")
-    ours = gemma_jax.load(root / "ckpt")
+    with pytest.MonkeyPatch.context() as env:  # the library's default, whatever the caller's environment
+        env.delenv(ENV, raising=False)
+        ours = gemma_jax.load(root / "ckpt")
     assert ours.config.sliding_window == 4096 and ours.config.max_position_embeddings == 8192
     return hf, ours
 
