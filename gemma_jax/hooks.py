@@ -179,5 +179,6 @@ def _checked(site: str, value: jax.Array, out) -> jax.Array:
     if shape != value.shape or dtype != value.dtype:
         got = f"{dtype}{list(shape)}" if shape is not None and dtype is not None else type(out).__name__
         raise GenerationError(f"the hook at {site} returned {got}, expected {value.dtype}{list(value.shape)} "
-                              "(the shape and dtype it was given)")
+                              "(the shape and dtype it was given; generation pads the length axis to a compile "
+                              "bucket)")
     return out

@@ -49,7 +49,8 @@ def run(work: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temporary directory)")
+    ap.add_argument("--keep", type=lambda s: Path(s).expanduser(), metavar="DIR",
+                    help="write the files here and keep them (default: a temporary directory)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     if args.keep:

@@ -1029,7 +1029,8 @@ def gen_logits_ragged(t):
 
 
 @case("generate", "a hook that returns the wrong shape", GenerationError,
-      "the hook at blocks.0.hook_resid_post returned float32[1, 1, 32], expected float32[1, 16, 32]")
+      "the hook at blocks.0.hook_resid_post returned float32[1, 1, 32], expected float32[1, 16, 32]",
+      "generation pads the length axis to a compile bucket")
 def gen_hook_shape(t):
     t.base.model.generate_ids([[2, 3, 4]], max_new_tokens=2, hooks={"blocks.0.hook_resid_post": lambda x: x[:, :1]})
 
