@@ -9,7 +9,13 @@ requests; and the default model over a 1,000-request local multiple-choice task.
     rm -r /tmp/gemma_jax_bench_eval
 
 `run` starts one process per side, one after the other (they never share memory or cores); both
-load the same bf16 weights as float32. The requests are built from English docstrings of the
+load the same bf16 weights as float32. Where one run would be too long, run the sides on their own
+and combine them:
+
+    python scripts/bench_eval.py side jax --questions 3 > jax.json
+    python scripts/bench_eval.py side hf --questions 3 > hf.json
+    python scripts/bench_eval.py combine jax.json hf.json --json docs/bench_eval.json
+ The requests are built from English docstrings of the
 standard library with the real Gemma 2 tokenizer, in the shapes of the standard tasks:
 HellaSwag-like (a 60-120 token context, four 15-30 token endings), ARC-like (a question, four 1-8
 token answers) and LAMBADA-like (a 100-200 token context, one word).
@@ -112,6 +118,7 @@ def jax_side(args) -> dict:
         start = time.perf_counter()
         results = lm.loglikelihood(_instances(requests), disable_tqdm=True)
         out["passes"].append(time.perf_counter() - start)
+        print(f"gemma_jax pass: {out['passes'][-1]:.1f}s, {scoring.compiled_programs()} programs", file=sys.stderr)
     out.update(requests=len(requests), programs=scoring.compiled_programs(), results=results,
                tokens=sum(len(c) + len(k) for c, k in (lm._encode_pair(c, k) for c, k in requests)))
     return out
@@ -133,6 +140,7 @@ def hf_side(args) -> dict:
         results = lm.loglikelihood(_instances(requests), disable_tqdm=True)
         out["runs"].append({"batch_size": batch, "load_s": load, "seconds": time.perf_counter() - start,
                             "results": results})
+        print(f"hflm batch {batch}: {out['runs'][-1]['seconds']:.1f}s", file=sys.stderr)
         del lm
     out["requests"] = len(requests)
     return out
@@ -149,12 +157,15 @@ def _child(side: str, args) -> dict:
 
 
 def run(args) -> dict:
-    ours = _child("jax", args)
-    theirs = _child("hf", args)
+    return combine(_child("jax", args), _child("hf", args), args.batch_tokens)
+
+
+def combine(ours: dict, theirs: dict, batch_tokens: int) -> dict:
+    """The figures of one run from the two sides' outputs."""
     n = ours["requests"]
     best = min(theirs["runs"], key=lambda r: r["seconds"])
     figures = {
-        "cpu": cpu_model(), "requests": n, "tokens": ours["tokens"], "batch_tokens": args.batch_tokens,
+        "cpu": cpu_model(), "requests": n, "tokens": ours["tokens"], "batch_tokens": batch_tokens,
         "gemma_jax": {"load_s": ours["load_s"], "cold_s": ours["passes"][0], "warm_s": ours["passes"][1],
                       "cold_req_per_s": n / ours["passes"][0], "warm_req_per_s": n / ours["passes"][1],
                       "programs": ours["programs"]},
@@ -253,6 +264,11 @@ def main() -> None:
         p.add_argument("--batch-tokens", type=int, default=2048)
         p.add_argument("--hf-batch", type=int, nargs="+", default=[1], help="HFLM batch sizes to time")
         p.add_argument("--json", type=Path)
+    p = sub.add_parser("combine", help="the figures from two `side` outputs (each side run on its own)")
+    p.add_argument("jax_json", type=Path)
+    p.add_argument("hf_json", type=Path)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--json", type=Path)
     p = sub.add_parser("default-task")
     p.add_argument("--questions", type=int, default=250)
     p.add_argument("--json", type=Path)
@@ -268,7 +284,10 @@ def main() -> None:
     if args.command == "side":
         print(json.dumps(jax_side(args) if args.which == "jax" else hf_side(args)))
         return
-    figures = run(args) if args.command == "run" else default_task(args)
+    if args.command == "combine":
+        figures = combine(json.loads(args.jax_json.read_text()), json.loads(args.hf_json.read_text()), args.batch_tokens)
+    else:
+        figures = run(args) if args.command == "run" else default_task(args)
     text = json.dumps(figures, indent=1)
     print(text)
     if args.json:
