@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 import gemma_jax
 from gemma_jax import checkpoint, cli, interp
 from gemma_jax.chat import ChatSession
-from gemma_jax.errors import (CheckpointError, ConfigError, DependencyError, GemmaError, GemmaWarning, GenerationError,
-                              TokenizerError)
+from gemma_jax.errors import (CheckpointError, ConfigError, DependencyError, EvaluationError, GemmaError, GemmaWarning,
+                              GenerationError, TokenizerError)
 from gemma_jax.sampler import Sampling
 from hf_oracle import hf_model, save
 
@@ -200,6 +200,7 @@ SECTIONS = {
     "generate": "Generating",
     "cli": "The command line (checked before a model is loaded or run)",
     "research": "Research: hook sites, activation caches, SAEs, activation capture",
+    "evaluate": "Scoring and evaluation",
 }
 
 
@@ -1255,6 +1256,100 @@ def research_capture_other_settings(t):
     capture.capture(t.base.chat_model, [t.tmp / "a.txt"], t.tmp / "acts", capture.CaptureSpec(("hook_embed",), seq_len=9))
 
 
+# ---------------------------------------------------------------- scoring and evaluation
+@case("evaluate", "request longer than max_position_embeddings (score_pairs)", EvaluationError,
+      "request 0: context + continuation feed 69 tokens", f"max_position_embeddings {CONTEXT}", "truncate_pair")
+def eval_pair_too_long(t):
+    from gemma_jax.evaluation import scoring
+    scoring.score_pairs(t.base.model, [([2] * 60, [3] * 10)])
+
+
+@case("evaluate", "empty continuation (score_pairs)", EvaluationError,
+      "request 1: the continuation must be a non-empty list of token ids")
+def eval_pair_empty(t):
+    from gemma_jax.evaluation import scoring
+    scoring.score_pairs(t.base.model, [([2], [3]), ([2], [])])
+
+
+@case("evaluate", "window longer than max_position_embeddings (score)", EvaluationError,
+      f"window must be an integer in [1, max_position_embeddings={CONTEXT}], got {CONTEXT + 1}")
+def eval_window_too_long(t):
+    t.base.model.score([2, 3, 4], window=CONTEXT + 1)
+
+
+@case("evaluate", "stride larger than the window (score)", EvaluationError,
+      "stride must be an integer in [1, window=8], got 9")
+def eval_stride(t):
+    t.base.model.score([2, 3, 4], window=8, stride=9)
+
+
+@case("evaluate", "continuation that adds no token (loglikelihood)", EvaluationError,
+      "request 0: the continuation '' adds no token to the context", tokenizer=True)
+def eval_empty_continuation(t):
+    t.base.chat_model.loglikelihood("hello", "")
+
+
+@case("evaluate", "file to score does not exist", EvaluationError, "TMP/missing.txt: no such file")
+def eval_file_missing(t):
+    from gemma_jax.evaluation import perplexity
+    perplexity.read_text(t.tmp / "missing.txt")
+
+
+@case("evaluate", "file to score is not UTF-8", EvaluationError, "TMP/latin1.txt: not UTF-8 text (byte 3)")
+def eval_file_not_utf8(t):
+    from gemma_jax.evaluation import perplexity
+    path = t.tmp / "latin1.txt"
+    path.write_bytes("caf\xe9".encode("latin-1"))
+    perplexity.read_text(path)
+
+
+@case("evaluate", "file to score is empty", EvaluationError, "TMP/empty.txt: empty file, nothing to score")
+def eval_file_empty(t):
+    from gemma_jax.evaluation import perplexity
+    (t.tmp / "empty.txt").write_text("")
+    perplexity.read_text(t.tmp / "empty.txt")
+
+
+@case("evaluate", "an SAE without its hook site", EvaluationError, "an sae needs sae_site")
+def eval_sae_no_site(t):
+    from gemma_jax.evaluation import steering
+    from gemma_jax.sae import JumpReLUSAE
+    d, f = t.base.model.config.hidden_size, 4
+    sae = JumpReLUSAE(np.zeros((d, f)), np.zeros((f, d)), np.zeros(f), np.zeros(d), np.zeros(f))
+    steering.with_sae(t.base.model.config, None, sae)
+
+
+@case("evaluate", "--sae-steer without FEATURE=SCALE", EvaluationError, "--sae-steer takes FEATURE=SCALE", "'12'")
+def eval_steer_format(t):
+    from gemma_jax.evaluation import steering
+    steering.parse_steer(["12"])
+
+
+@case("evaluate", "unknown lm-eval model argument", EvaluationError,
+      "gemma_jax model: unknown argument(s) ['temperature']")
+def eval_unknown_model_arg(t):
+    from gemma_jax.evaluation.harness import GemmaLM
+    GemmaLM(t.base.model, temperature=0.5)
+
+
+@case("evaluate", "lm-eval model pretrained= a Hugging Face directory", EvaluationError,
+      "HF_DIR is a Hugging Face directory: convert it first")
+def eval_pretrained_hf_dir(t):
+    from gemma_jax.evaluation.harness import GemmaLM
+    GemmaLM(str(t.hf()))
+
+
+@case("evaluate", "generation argument lm-eval passes that gemma_jax lacks", EvaluationError,
+      "generation argument(s) ['num_beams'] are not supported", tokenizer=True)
+def eval_gen_kwarg(t):
+    from lm_eval.api.instance import Instance
+
+    from gemma_jax.evaluation.harness import GemmaLM
+    lm = GemmaLM(t.base.chat_model)
+    lm.generate_until([Instance("generate_until", {}, ("hi", {"num_beams": 4, "max_gen_toks": 2}), 0)],
+                      disable_tqdm=True)
+
+
 # ----------------------------------------------------------------------------------------- running
 RESULTS: dict[str, str] = {}   # case name -> scrubbed message, filled by test_refused
 
@@ -1288,7 +1383,7 @@ def test_refused(c: Case, tmp_path, base):
 
 def test_every_error_class_has_a_case():
     assert {c.error for c in CASES} == {ConfigError, CheckpointError, TokenizerError, GenerationError,
-                                        DependencyError}
+                                        DependencyError, EvaluationError}
     assert len({c.what for c in CASES}) == len(CASES), "two cases with the same description"
 
 
@@ -1318,6 +1413,7 @@ output directory that cannot be written |
 | `TokenizerError` | a tokenizer file that cannot be used, or a chat that cannot be rendered |
 | `GenerationError` | generation arguments or prompts that cannot be honoured |
 | `DependencyError` | an optional package a command needs (torch, transformers, matplotlib) that is not installed |
+| `EvaluationError` | scoring or evaluation requests, files, tasks or options that cannot be used |
 
 The command line prints `gemma-jax: error: <message>` on stderr (one line, no traceback) and exits
 with status 2; `gemma-jax --debug ...` raises the exception instead. Command-line usage mistakes

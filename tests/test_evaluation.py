@@ -157,7 +157,7 @@ def test_rolling_matches_hflm(env, report):
 
 
 def test_generate_until_matches_hflm(env):
-    contexts = ["Hello there", "Once upon a time", "word " * 70, "def main():"]
+    contexts = ["Hello there", "word " * 70, "def main():"]
     free = env.hflm.generate_until(_requests("generate_until", [(c, {"until": [], "max_gen_toks": 12})
                                                                 for c in contexts]), disable_tqdm=True)
     args = []
@@ -233,7 +233,7 @@ def test_score_equals_logits_and_rolling_by_hand(env):
     # a sequence longer than the model's context, by hand: window w feeds ids[end - W:end] and
     # scores the targets it is the first to reach
     long = rng.integers(3, 256000, 3 * CONTEXT + 7).tolist()
-    for window, stride in ((CONTEXT, CONTEXT), (40, 13)):
+    for window, stride in ((CONTEXT, CONTEXT), (40, 19)):
         expected, done = np.zeros(len(long) - 1), 0
         while done < len(long) - 1:
             end = min(window if done == 0 else done + stride, len(long) - 1)
@@ -246,7 +246,7 @@ def test_score_equals_logits_and_rolling_by_hand(env):
 
 def test_bounded_compilation_and_batch_independence(env, report):
     rng = np.random.default_rng(2)
-    corpus = [(rng.integers(3, 256000, rng.integers(1, 40)).tolist(), rng.integers(3, 256000, rng.integers(1, 24)).tolist())
+    corpus = [(rng.integers(3, 256000, rng.integers(1, 30)).tolist(), rng.integers(3, 256000, rng.integers(1, 16)).tolist())
               for _ in range(60)]
     corpus += [(corpus[i][0], rng.integers(3, 256000, rng.integers(1, 9)).tolist()) for i in range(0, 60, 3)]  # shared
     batching = scoring.Batching(max_tokens=512, max_rows=16)
@@ -256,9 +256,9 @@ def test_bounded_compilation_and_batch_independence(env, report):
     again = [(c[:-1] or c, k) for c, k in corpus[::-1]]          # other lengths, same range
     scoring.score_pairs(env.model, again, batching=batching)
     second = scoring.compiled_programs() - before - first
-    report("eval: programs compiled for 80 requests of lengths 2-63 (then for 80 more)", f"{first} (+{second})")
+    report("eval: programs compiled for 80 requests feeding 1-43 tokens (then for 80 more)", f"{first} (+{second})")
     # length buckets 16/32/64, scored-position buckets, batch sizes: bounded by their product
-    assert first <= 24 and second <= 4
+    assert first <= 16 and second <= 2
     for (context, continuation), got in list(zip(corpus, batched))[::7]:   # some shared, some not
         lp, greedy = _direct(env.model, context + continuation, first=len(context) - 1)
         np.testing.assert_allclose(got.logprobs, lp, atol=2e-5)

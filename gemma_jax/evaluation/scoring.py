@@ -7,8 +7,8 @@ same tokens.
 
 Faster than one forward per request, with the same numbers:
 - requests are sorted by length (longest first, as lm-eval's HF backend does), batched up to a
-  token budget and padded to power-of-two lengths and batch sizes, so a corpus of any lengths
-  compiles a bounded number of programs (per length bucket, a few batch sizes and scored-position
+  token budget and padded to length buckets (length_bucket) and power-of-two batch sizes, so a
+  corpus of any lengths compiles a bounded number of programs (per length bucket, a few batch sizes and scored-position
   buckets);
 - logits are computed only at scored positions (the [D, V] unembedding is a fifth of a 2B forward,
   and most of a multiple-choice request is context);
@@ -36,7 +36,9 @@ from gemma_jax import hooks as hooks_lib
 from gemma_jax.errors import EvaluationError, GemmaWarning
 from gemma_jax.sampler import bucket, pad_chunk
 
-MIN_LENGTH = 16   # the shortest padded length (as the sampler's prompt buckets)
+MIN_LENGTH = 16        # the shortest padded length (as the sampler's prompt buckets)
+CHUNK_MIN_LENGTH = 8   # the shortest continuation chunk run against a cached context
+FINE_FROM = 64         # lengths above this also get 3 * 2^(k-1) buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,11 @@ def _pick(model, hidden, where, targets, hook):
     picked = jnp.take_along_axis(hidden, where[:, :, None], axis=1)              # [B, C, D]
     logits = model.logits(picked, hook=hook)                                     # [B, C, V] float32
     target = jnp.take_along_axis(logits, targets[:, :, None], axis=-1)[..., 0]
-    return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
+    top = jnp.max(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+    # greedy = the target holds the largest logit: argmax without XLA:CPU's slow arg-reduction
+    # (they differ only on an exact tie, where HF's argmax takes the lowest id)
+    return target - lse, target >= top
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
@@ -100,12 +106,36 @@ def _rows_of(cache, rows):
 
 def compiled_programs() -> int:
     """How many scoring programs have been compiled in this process (for tests and benchmarks)."""
-    return _score._cache_size() + _prefill._cache_size()
+    return _score._cache_size() + _prefill._cache_size() + _rows_of._cache_size()
 
 
 # ----------------------------------------------------------------------------------- scoring
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
+def length_bucket(n: int, minimum: int = MIN_LENGTH) -> int:
+    """n rounded up to a power of two (at least `minimum`), and from FINE_FROM up to 2^k or
+    3 * 2^(k-1): long rows, where padding costs most, are at most a third padding; short ones
+    share few programs. Lengths up to N compile about 2 log2(N) programs."""
+    n = max(n, minimum)
+    p = bucket(n, 1)
+    return 3 * p // 4 if p > FINE_FROM and n <= 3 * p // 4 else p
+
+
+def _batches(items: list, length_of: Callable, batching: Batching, minimum: int):
+    """(padded length, rows, padded rows) batches of items, longest first (as lm-eval's HF backend
+    orders them): every row of a batch in one length bucket, at most a power-of-two number of rows
+    within the budget; the last batch of a bucket is padded to a power of two with empty rows, so
+    the batch sizes stay few."""
+    items = sorted(items, key=lambda x: -length_of(x))     # stable: ties keep request order
+    buckets = [length_bucket(length_of(x), minimum) for x in items]
+    start = 0
+    while start < len(items):
+        length = buckets[start]
+        room = max(1, min(batching.max_rows, batching.max_tokens // length))
+        room = 1 << (room.bit_length() - 1)
+        end = start
+        while end < len(items) and buckets[end] == length and end - start < room:
+            end += 1
+        yield length, items[start:end], bucket(end - start, 1)
+        start = end
 
 
 def check_pairs(model, pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
@@ -169,15 +199,11 @@ def _fill(out, pairs, idxs, lp, greedy, progress):
 
 
 def _score_alone(model, pairs, idxs, hook, batching, out, progress):
-    """One forward of context + continuation[:-1] per request, batched by length."""
+    """One forward of context + continuation[:-1] per request, logits at the continuation's
+    positions only."""
     fed = {i: pairs[i][0] + pairs[i][1][:-1] for i in idxs}
-    order = sorted(idxs, key=lambda i: (-len(fed[i]), i))
     pad = model.config.pad_token_id
-    while order:
-        length = bucket(len(fed[order[0]]), MIN_LENGTH)
-        rows = order[:_pow2_floor(min(batching.max_rows, batching.max_tokens // length))]
-        order = order[len(rows):]
-        b = bucket(len(rows), 1)
+    for length, rows, b in _batches(idxs, lambda i: len(fed[i]), batching, MIN_LENGTH):
         scored = min(length, bucket(max(len(pairs[i][1]) for i in rows), 1))
         tokens, positions = pad_chunk([fed[i] for i in rows] + [[]] * (b - len(rows)), [0] * b, length, pad)
         where = np.zeros((b, scored), np.int32)
@@ -194,35 +220,26 @@ def _score_alone(model, pairs, idxs, hook, batching, out, progress):
 def _score_shared(model, pairs, groups, hook, batching, out, progress):
     """Contexts shared by several requests: all but the context's last token into a KV cache once,
     then [last context token] + continuation[:-1] per request against the cache."""
-    groups = sorted(groups, key=lambda g: (-len(pairs[g[0]][0]), g[0]))
     pad = model.config.pad_token_id
-    while groups:
-        # cache length >= context + continuation: a continuation's writes never wrap a global layer's
-        # buffer (which holds position p at slot p; model.Attention attends over the buffer)
-        length = bucket(max(len(pairs[i][0]) + len(pairs[i][1]) for i in groups[0]), MIN_LENGTH)
-        batch = groups[:_pow2_floor(min(batching.max_rows, batching.max_tokens // length))]
-        length = bucket(max(len(pairs[i][0]) + len(pairs[i][1]) for grp in batch for i in grp), MIN_LENGTH)
-        groups = groups[len(batch):]
-        g = bucket(len(batch), 1)
+    # the cache holds context + continuation: a continuation's writes never wrap a global layer's buffer
+    # (which holds position p at slot p; model.Attention attends over the buffer)
+    for length, batch, g in _batches(groups, lambda grp: max(len(pairs[i][0]) + len(pairs[i][1]) for i in grp),
+                                     batching, MIN_LENGTH):
         prefixes = [pairs[grp[0]][0][:-1] for grp in batch] + [[]] * (g - len(batch))
         tokens, positions = pad_chunk(prefixes, [0] * g, length, pad)
         cache = _prefill(model.graphdef, model.state, model.new_cache(g, length), jnp.asarray(tokens),
                          jnp.asarray(positions), hook=hook)
-        members = sorted(((gi, i) for gi, grp in enumerate(batch) for i in grp),
-                         key=lambda m: (-len(pairs[m[1]][1]), m[1]))
-        while members:
-            chunk_len = bucket(len(pairs[members[0][1]][1]), 1)
-            rows = members[:_pow2_floor(min(batching.max_rows, batching.max_tokens // chunk_len))]
-            members = members[len(rows):]
-            b = bucket(len(rows), 1)
-            chunks = [[pairs[i][0][-1]] + pairs[i][1][:-1] for _, i in rows] + [[]] * (b - len(rows))
-            starts = [len(pairs[i][0]) - 1 for _, i in rows] + [0] * (b - len(rows))
+        members = [(gi, i) for gi, grp in enumerate(batch) for i in grp]
+        for chunk_len, rows, b in _batches(members, lambda m: len(pairs[m[1]][1]), batching, CHUNK_MIN_LENGTH):
+            empty = b - len(rows)
+            chunks = [[pairs[i][0][-1]] + pairs[i][1][:-1] for _, i in rows] + [[]] * empty
+            starts = [len(pairs[i][0]) - 1 for _, i in rows] + [0] * empty
             tokens, positions = pad_chunk(chunks, starts, chunk_len, pad)
             where = np.broadcast_to(np.arange(chunk_len, dtype=np.int32), (b, chunk_len))
             targets = np.zeros((b, chunk_len), np.int32)
             for r, (_, i) in enumerate(rows):
                 targets[r, :len(pairs[i][1])] = pairs[i][1]
-            row_cache = _rows_of(cache, jnp.asarray([gi for gi, _ in rows] + [0] * (b - len(rows)), jnp.int32))
+            row_cache = _rows_of(cache, jnp.asarray([gi for gi, _ in rows] + [0] * empty, jnp.int32))
             lp, greedy = _score(model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(positions),
                                 jnp.asarray(where), jnp.asarray(targets), row_cache, hook=hook)
             _fill(out, pairs, [i for _, i in rows], lp, greedy, progress)
