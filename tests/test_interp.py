@@ -475,10 +475,10 @@ def test_sae_load_errors(tmp_path, tiny, ids):
     np.savez(tmp_path / "ok.npz", **a)
     with pytest.raises(GenerationError, match="width"):
         saelib.splice(tiny[1], ids, saelib.JumpReLUSAE.load(tmp_path / "ok.npz"), "blocks.0.hook_resid_post")
-    assert [saelib.site_for(k, 2) for k in ("res", "mlp", "att")] == \
-        ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.attn.hook_z"]
+    assert [saelib.site_for(k, 2) for k in ("res", "mlp", "att", "transcoder")] == \
+        ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.attn.hook_z", "blocks.2.ln2.hook_normalized"]
     with pytest.raises(GenerationError, match="SAE kind"):
-        saelib.site_for("nope", 0)
+        saelib.site_for("gated", 0)
 
 
 # ------------------------------------------------------------------------------- lens and DLA
