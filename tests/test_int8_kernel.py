@@ -25,7 +25,7 @@ try:
 except build.BuildError as e:  # the fallback tests below still run
     needs_compiler = pytest.mark.skip(reason=str(e))
 else:
-    needs_compiler = pytest.mark.usefixtures()
+    needs_compiler = pytest.mark.skipif(False, reason="a C++ compiler is present")
 
 
 def xla(x, w):
