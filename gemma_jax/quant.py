@@ -16,8 +16,10 @@ it recompiles and nothing else changes):
   scaled per output channel. XLA fuses the conversion into the matmul on TPU and GPU; on XLA:CPU
   the converted weight is materialized (slow: see docs/quantization.md).
 - "dynamic": x is quantized per token (its own symmetric int8 scale per row), the product is
-  int8 x int8 -> int32, then scaled by both scales. XLA:CPU runs the integer product fast only
-  with at least MIN_ROWS rows, so fewer rows are padded with zeros.
+  int8 x int8 -> int32, then scaled by both scales. On CPU the integer product is our own kernel
+  (kernels/int8.py: VNNI, 2x XLA's at batch-1 decode, bit-equal to it); where the kernel is off,
+  cannot be compiled, or the process has several devices (a mesh), it is XLA's dot_general, which
+  runs fast only with at least MIN_ROWS rows, so fewer rows are padded with zeros.
 """
 
 from __future__ import annotations
@@ -182,12 +184,22 @@ def _dynamic(x, values, scale, out_dtype, min_rows):
     lead, d_in = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     xq, xs = quantize_activations(x.reshape(rows, d_in))
-    if rows < min_rows:  # XLA:CPU's int8 product of one row is a slow loop; two rows are not
-        xq = jnp.pad(xq, ((0, min_rows - rows), (0, 0)))
-    acc = jax.lax.dot_general(xq, values.reshape(-1, d_in), (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32)[:rows]
+    acc = int8_product(xq, values.reshape(-1, d_in), min_rows)
     y = acc.astype(jnp.float32) * xs * scale.reshape(1, -1)
     return y.reshape(*lead, *scale.shape).astype(out_dtype)
+
+
+def int8_product(xq: jax.Array, wq: jax.Array, min_rows: int = MIN_ROWS) -> jax.Array:
+    """xq [M, I] int8 times wq [O, I] int8 -> [M, O] int32, exact: gemma_jax's CPU kernel where it
+    is usable (kernels.int8.usable), else XLA's dot_general with rows padded to min_rows (XLA:CPU's
+    int8 product of one row is a slow loop; two rows are not). Both give the same int32 bits."""
+    from gemma_jax.kernels import int8 as kernel
+    if kernel.usable(xq.shape[0]):
+        return kernel.matmul(xq, wq)
+    rows = xq.shape[0]
+    if rows < min_rows:
+        xq = jnp.pad(xq, ((0, min_rows - rows), (0, 0)))
+    return jax.lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)[:rows]
 
 
 @_dynamic.defjvp
