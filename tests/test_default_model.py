@@ -122,7 +122,7 @@ def test_readme_python_block_runs_as_written(converted, capsys, monkeypatch):
     assert out == scope["text"] and len(out) > 20
     assert scope["logits"].shape[:2] == (1, len(scope["ids"])) and len(scope["batch"]) == 2
     assert isinstance(scope["reply"], str)
-    assert scope["acts"]["blocks.0.hook_resid_post"].shape == (1, len(scope["ids"]), 256)
+    assert scope["cache"]["blocks.0.hook_resid_post"].shape == (1, len(scope["ids"]), 256)
 
 
 def test_chat_with_its_defaults_goes_on_as_the_context_fills(converted, capsys, monkeypatch):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_jax import cache as kv
 from gemma_jax import hooks as hooks_lib
 from gemma_jax.errors import EvaluationError, GemmaWarning
 from gemma_jax.sampler import bucket, pad_chunk
@@ -88,6 +89,9 @@ def _pick(model, hidden, where, targets, hook):
 def _score(graphdef, state, tokens, positions, where, targets, cache=None, hook=None):
     """tokens, positions [B, T] (-1 = padding), optionally after a cache -> scores at `where`."""
     model = nnx.merge(graphdef, state)
+    if cache is not None:   # room for the chunk's writes: a global layer's buffer holds position p at slot p
+        held = max(layer.k.shape[1] for layer in cache.layers)
+        cache = kv.grow(cache, model.config, held + tokens.shape[1])
     hidden, _ = model(tokens, positions, cache, hook=hook)
     return _pick(model, hidden, where, targets, hook)
 
@@ -221,10 +225,8 @@ def _score_shared(model, pairs, groups, hook, batching, out, progress):
     """Contexts shared by several requests: all but the context's last token into a KV cache once,
     then [last context token] + continuation[:-1] per request against the cache."""
     pad = model.config.pad_token_id
-    # the cache holds context + continuation: a continuation's writes never wrap a global layer's buffer
-    # (which holds position p at slot p; model.Attention attends over the buffer)
-    for length, batch, g in _batches(groups, lambda grp: max(len(pairs[i][0]) + len(pairs[i][1]) for i in grp),
-                                     batching, MIN_LENGTH):
+    # the cache holds the whole context length, so the last context token's write never wraps
+    for length, batch, g in _batches(groups, lambda grp: len(pairs[grp[0]][0]), batching, MIN_LENGTH):
         prefixes = [pairs[grp[0]][0][:-1] for grp in batch] + [[]] * (g - len(batch))
         tokens, positions = pad_chunk(prefixes, [0] * g, length, pad)
         cache = _prefill(model.graphdef, model.state, model.new_cache(g, length), jnp.asarray(tokens),
