@@ -466,6 +466,17 @@ def _roofline(side: dict, r: dict) -> str:
     return text
 
 
+def _side_line(title: str, side: dict) -> str:
+    return f"{title}: load {_duration(side['load_s'])}, peak RSS {_bytes(side['peak_rss_GiB'] * 2**30, binary=True)}"
+
+
+def _versus_line(r: dict, ratio: dict, who: str, ttft: bool = False, suffix: str = "") -> str:
+    """One run of a reference side, and how `who` compares with it."""
+    head = f"  batch {r['batch']}, prompt {r['prompt_len']}: " + (f"TTFT {_duration(r['ttft_s'])}, " if ttft else "")
+    return (head + f"prefill {_rate(r['prefill_tok_s'])} tok/s, decode {_rate(r['decode_tok_s_per_seq'])} tok/s/seq "
+            f"-> {who} is {ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill" + suffix)
+
+
 def format_report(result: dict) -> str:
     ours = result["gemma_jax"]
     lines = [cpuinfo.describe()]
@@ -479,22 +490,14 @@ def format_report(result: dict) -> str:
                      f"{_bytes(r['bytes_per_step']['total'])}/step, {_roofline(ours, r)}")
     if "hf" in result:
         hf = result["hf"]
-        lines.append(f"HF transformers {hf['version']} eager ({hf['dtype']}, {hf['threads']} threads): "
-                     f"load {_duration(hf['load_s'])}, peak RSS {_bytes(hf['peak_rss_GiB'] * 2**30, binary=True)}")
-        for r, ratio in zip(hf["runs"], result["ratios"]):
-            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: TTFT {_duration(r['ttft_s'])}, "
-                         f"prefill {_rate(r['prefill_tok_s'])} tok/s, decode {_rate(r['decode_tok_s_per_seq'])} "
-                         f"tok/s/seq -> gemma_jax is {ratio['decode_speedup']:.2f}x decode, "
-                         f"{ratio['prefill_speedup']:.2f}x prefill, same greedy tokens: "
-                         f"{ratio['same_greedy_rows']}/{r['batch']} rows")
+        lines.append(_side_line(f"HF transformers {hf['version']} eager ({hf['dtype']}, {hf['threads']} threads)", hf))
+        lines += [_versus_line(r, ratio, "gemma_jax", ttft=True,
+                               suffix=f", same greedy tokens: {ratio['same_greedy_rows']}/{r['batch']} rows")
+                  for r, ratio in zip(hf["runs"], result["ratios"])]
     if "float" in result:
         flt = result["float"]
-        lines.append(f"gemma_jax with {flt['weights']} weights (same run): load {_duration(flt['load_s'])}, "
-                     f"peak RSS {_bytes(flt['peak_rss_GiB'] * 2**30, binary=True)}")
-        for r, ratio in zip(flt["runs"], result["int8_ratios"]):
-            lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: prefill {_rate(r['prefill_tok_s'])} tok/s, "
-                         f"decode {_rate(r['decode_tok_s_per_seq'])} tok/s/seq -> {ours['weights']} is "
-                         f"{ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill")
+        lines.append(_side_line(f"gemma_jax with {flt['weights']} weights (same run)", flt))
+        lines += [_versus_line(r, ratio, ours["weights"]) for r, ratio in zip(flt["runs"], result["int8_ratios"])]
     return "\n".join(lines)
 
 
