@@ -163,18 +163,6 @@ def top_logprobs(logits: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return ids.astype(jnp.int32), values
 
 
-def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """`filter_rows` with one Sampling for every row."""
-    return filter_rows(logits, Rows.build([sampling] * logits.shape[0], row_keys(0, logits.shape[0])))
-
-
-def pick(logits: jax.Array, rng: jax.Array, step: jax.Array, sampling: Sampling):
-    """`sample` with one Sampling for every row, row b drawing from fold_in(rng, b)."""
-    b = logits.shape[0]
-    keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(b))
-    return sample(logits, Rows.build([sampling] * b, keys), step)
-
-
 class Loop(NamedTuple):
     """The decode loop's state (a pytree, donated to each call)."""
     cache: kv.KVCache

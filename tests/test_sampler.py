@@ -268,11 +268,13 @@ def test_pick_distribution(case):
         wrong = expected_distribution(LOGITS8, 1.0, kw.get("top_k"), kw["top_p"])
         assert ((wrong > 0) != (expected > 0)).any()
     sampling = sampler.Sampling(**kw)
-    filtered = np.asarray(sampler.filter_logits(jnp.asarray(LOGITS8[None]), sampling))[0]
+    one = sampler.Rows.build([sampling], sampler.row_keys(0, 1))
+    filtered = np.asarray(sampler.filter_rows(jnp.asarray(LOGITS8[None]), one))[0]
     np.testing.assert_array_equal(np.isfinite(filtered), expected > 0)
     n = 20000
     logits = jnp.broadcast_to(jnp.asarray(LOGITS8), (n, LOGITS8.size))  # identical rows, per-row keys
-    tokens, logprobs = sampler.pick(logits, jax.random.key(0), jnp.int32(5), sampling)
+    rows = sampler.Rows.build([sampling] * n, sampler.row_keys(0, n))
+    tokens, logprobs = sampler.sample(logits, rows, jnp.int32(5))
     tokens = np.asarray(tokens)
     np.testing.assert_allclose(np.asarray(logprobs), log_softmax(LOGITS8)[tokens], atol=1e-5)
     freq = np.bincount(tokens, minlength=LOGITS8.size) / n
