@@ -145,29 +145,39 @@ def test_capture_refusals(tmp_path, model, texts):
 
 _PEAK = """
 import sys
+from gemma_jax import capture
 from gemma_jax.cli import main
+
+def hwm_kb():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])
+
+marks = []
+run = capture.capture
+capture.capture = lambda *a, **k: run(*a, **k, on_batch=lambda state: marks.append((state['rows'], hwm_kb())))
 rc = main(sys.argv[1:])
-hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
-print('VmHWM_KB', hwm, 'rc', rc)
+print('marks', ' '.join(f'{r}:{h}' for r, h in marks), 'rc', rc)
 """
 
 
 def test_peak_memory_is_flat_as_the_corpus_grows(tmp_path, report):
-    """The same capture (through the CLI) over a corpus 4x larger: the peak RSS of the process does
-    not grow with it (within the ~10 MiB noise between processes), while the data written grows by ~75 MiB."""
-    peaks, written = {}, {}
-    for scale in (1, 4):
-        text = _corpus(tmp_path / f"corpus{scale}.py", 2400 * scale, 7)
-        out = tmp_path / f"out{scale}"
-        done = subprocess.run(
-            [sys.executable, "-c", _PEAK, "--no-compile-cache", "capture", "--text", str(text), "--sites",
-             "blocks.0.attn.hook_pattern", "--out", str(out), "--seq-len", str(SEQ), "--batch-size", "8",
-             "--store-dtype", "float16", "--shard-mb", "8"],
-            capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert done.returncode == 0 and "rc 0" in done.stdout, done.stderr[-2000:]
-        peaks[scale] = int(done.stdout.split("VmHWM_KB")[1].split()[0]) / 1024
-        written[scale] = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2 ** 20
-    report("capture peak RSS, corpus x1 / x4 (MiB)", f"{peaks[1]:.0f} / {peaks[4]:.0f}")
-    report("capture data written, corpus x1 / x4 (MiB)", f"{written[1]:.0f} / {written[4]:.0f}")
-    assert written[4] - written[1] > 60
-    assert peaks[4] - peaks[1] < 20   # noise between two processes: about 10 MiB
+    """A capture (through the CLI) over a corpus whose activations take ~200 MiB: the process's peak
+    RSS once a quarter of the rows are written (compilation, buffers, first shard all done) is its
+    peak at the end, within 20 MiB, while three quarters of the data are written in between.
+    Measured in one process: the peak of two separate processes differs by up to ~120 MiB."""
+    text = _corpus(tmp_path / "corpus.py", 2400 * 8, 7)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, "--no-compile-cache", "capture", "--text", str(text), "--sites",
+         "blocks.0.attn.hook_pattern", "--out", str(out), "--seq-len", str(SEQ), "--batch-size", "8",
+         "--store-dtype", "float16", "--shard-mb", "8"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("rc 0"), done.stderr[-2000:]
+    marks = [tuple(int(v) for v in m.split(":")) for m in done.stdout.split("marks")[1].split("rc")[0].split()]
+    rows = marks[-1][0]
+    quarter = next(kb for r, kb in marks if r >= rows // 4) / 1024
+    final = marks[-1][1] / 1024
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2 ** 20
+    report("capture peak RSS at 1/4 of the rows / at the end (MiB)", f"{quarter:.0f} / {final:.0f}")
+    report("capture data written (MiB)", f"{written:.0f}")
+    assert written > 150
+    assert final - quarter < 20
