@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--decode-steps", type=int, default=8)
-    parser.add_argument("--min-decode-batch", type=int, default=2)
+    parser.add_argument("--min-decode-batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

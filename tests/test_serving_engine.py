@@ -108,6 +108,25 @@ def test_greedy_equals_generate_ids_in_every_slot_and_mix(engine, prompts, refer
     assert seen == {(i, s) for i in range(4) for s in range(CONFIG.max_batch)}
 
 
+def test_short_prompts_admitted_together_share_one_prefill_call(engine, prompts, reference):
+    """Three short prompts queued at once (the engine lock held while submitting, so the loop sees
+    them together): one prefill call of [4, 16] (a padding row) fills three slots, and each request's
+    tokens equal generate_ids on its prompt alone."""
+    short = [i for i, p in enumerate(prompts) if len(p) <= 16]
+    assert len(short) == 3
+    queues = [queue.Queue() for _ in short]
+    before = engine.prefill_calls
+    with engine._cv:
+        for i, q in zip(short, queues):
+            engine.submit(Request(prompts[i], 40), q.put)
+    for i, q in zip(short, queues):
+        outputs = [q.get(timeout=300)]
+        while outputs[-1].finish_reason is None:
+            outputs.append(q.get(timeout=300))
+        assert Completion.collect(outputs).token_ids == reference[i][0][:40]
+    assert engine.prefill_calls - before == 1
+
+
 def test_greedy_equals_hf_generate_on_tiny_random_models(tmp_path_factory):
     """On a tiny random HF model (MQA, window 3: every ring wraps), in a batch that mixes greedy
     and sampled rows: HF's greedy tokens."""
@@ -273,8 +292,8 @@ def test_a_failing_loop_fails_its_requests_and_reports_unhealthy(model, prompts,
 
 
 def test_compiled_programs_are_bounded_by_the_shapes(model, report):
-    """Prefill compiles per (prompt bucket, fresh or continued), decode once: a new mix of sampling
-    settings, logprobs, stops and penalties compiles nothing."""
+    """Prefill compiles per (prompt bucket, request bucket, fresh or continued), decode per row
+    bucket: a new mix of sampling settings, logprobs, stops and penalties compiles nothing."""
     before = steps.prefill._cache_size(), steps.decode._cache_size()
     engine = Engine(model, EngineConfig(max_batch=4, max_length=96, prefill_chunk=32, decode_steps=2)).start()
     rng = np.random.default_rng(0)
@@ -291,7 +310,8 @@ def test_compiled_programs_are_bounded_by_the_shapes(model, report):
         engine.stop()
     report("engine programs (prefill, decode) for 5 prompt lengths x 4 sampling mixes", f"{again}")
     assert counts == again
-    assert 0 < again[1] <= len(engine.buckets) == 2 and 0 < again[0] <= 4   # (16 | 32) x (fresh | continued)
+    # prefill: (16 | 32) x (1 | 2 | 4 requests) fresh, and (16 | 32) x 1 for a long prompt's later pieces
+    assert 0 < again[1] <= len(engine.buckets) == 3 and 0 < again[0] <= 2 * 3 + 2
 
 
 # ------------------------------------------------------------------------------ UTF-8 streaming

@@ -4,24 +4,26 @@ detokenization, stop strings and logprobs. No HTTP here (see server.py).
 
 One thread (the engine loop) owns the device state. Each iteration it
 1. frees the slots of finished and cancelled requests (the step boundary),
-2. prefills waiting requests into free slots, one chunk of at most `prefill_chunk` tokens at a
-   time; while other rows are decoding, about one chunk's worth of prompt tokens per iteration,
-   so a long prompt never stalls the running requests for more than one chunk,
+2. prefills waiting requests into free slots: short prompts admitted together in one call of
+   [k, T], a prompt longer than `prefill_chunk` alone, one chunk at a time; while other rows are
+   decoding, about one chunk's worth of prompt tokens per iteration, so a long prompt (or a burst
+   of short ones) never stalls the running requests for more than one chunk,
 3. runs one multi-step decode call (`decode_steps` tokens per row) and hands each request its new
    tokens and text through its `on_output` callback.
 
 Determinism: every row of the decode step is computed by row-wise operations and matrix products
 whose rows do not depend on the other rows' values, the sampling of a row draws from its own seed
-folded with its own step count, and prefill runs one request at a time. A request's tokens
-therefore do not depend on what shares the batch or which slot it lands in. Decode programs for
-different row buckets are different XLA programs, so logits may differ in the last bits (about
-1e-6; see docs/serving.md): a token could change only at an exact tie, which the tests never saw.
+folded with its own step count. A request's tokens therefore do not depend on what shares the
+batch or which slot it lands in. Prefill and decode programs for different row buckets are
+different XLA programs, so logits may differ in the last bits (about 1e-6; see docs/serving.md):
+a token could change only at an exact tie, which the tests never saw.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import queue
 import secrets
 import threading
@@ -52,10 +54,10 @@ class EngineConfig:
     decode_steps: int = 8       # tokens per row per decode call (host round trip)
     max_stop_ids: int = 8       # stop ids per request
     # Decode runs over a power-of-two bucket of slots holding every live row, at least this many.
-    # 2 (the default) keeps every decode a multi-row matrix product (XLA:CPU computes a one-row
-    # product by another kernel, with other rounding); 1 lets a lone request use the faster one-row
-    # product. Buckets differ in their last bits either way (see docs/serving.md).
-    min_decode_batch: int = 2
+    # 1 (the default) lets a lone request use XLA:CPU's one-row product, as generate_ids does on
+    # one prompt (on the default model 1.3x faster a step than two rows); 2 keeps every decode a
+    # multi-row product. Buckets differ in their last bits either way (see docs/serving.md).
+    min_decode_batch: int = 1
 
     def __post_init__(self):
         for name in ("max_batch", "max_length", "max_queue", "prefill_chunk", "decode_steps", "max_stop_ids",
@@ -96,6 +98,11 @@ class _Live:
     last_token: float | None = None
     cancelled: bool = False
     finished: bool = False
+
+    @functools.cached_property
+    def key(self) -> jax.Array:
+        """The request's PRNG key: row 0 of its seed's stream, as generate_ids' row 0."""
+        return sampler.row_keys(self.seed, 1)[0]
 
 
 class Engine:
@@ -144,8 +151,8 @@ class Engine:
 
     def _warmup(self) -> None:
         """Compile the decode program of every row bucket and the prefill of the smallest prompt."""
-        self._prefill_call(0, [self.model.config.bos_token_id], 0, True, steps.arm(
-            1, [], self.config.max_stop_ids, 0, sampler.Sampling(), sampler.row_keys(0, 1)[0]))
+        self._prefill_call([0], [[self.model.config.bos_token_id]], [0], [True], steps.arm(
+            [(1, [], 0, sampler.Sampling(), sampler.row_keys(0, 1)[0])], self.config.max_stop_ids, 1), fresh=True)
         for rows in self.buckets:
             self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(1),
                                             buffer=self.config.decode_steps, rows=rows)
@@ -342,56 +349,93 @@ class Engine:
         self._cv.notify_all()
 
     def _prefill_some(self) -> None:
-        """Prefill waiting requests into free slots: about one chunk of prompt tokens while other
-        rows decode, as much as the free slots take while none do."""
+        """Prefill waiting requests into free slots: about one chunk of prompt tokens (padding
+        included) while other rows decode, up to a chunk per slot while none do. Short prompts
+        admitted together share one call; a prompt longer than a chunk runs alone, piece by piece."""
+        c = self.config
         decoding = any(live is not None and live.first_token is not None for live in self._slots)
-        budget = self.config.prefill_chunk if decoding else float("inf")
+        budget = c.prefill_chunk if decoding else c.prefill_chunk * c.max_batch
         spent = 0
         while spent < budget:
             with self._cv:
-                if self._prefilling is None:
-                    if not self._queue or None not in self._slots or self.state == STOPPED:
-                        return
-                    live = self._queue.popleft()
-                    live.slot = live.handle.slot = self._slots.index(None)
-                    live.admitted = time.monotonic()
-                    self._slots[live.slot] = live
-                    self._prefilling = live
-                    self.metrics.waiting.set(len(self._queue))
-                    self.metrics.running.set(sum(x is not None for x in self._slots))
-                    with self.metrics.lock:
-                        self.metrics.queue_time.observe(live.admitted - live.arrival)
-                live = self._prefilling
-                if live.cancelled:
-                    return   # the next sweep ends it
-            spent += self._prefill_chunk(live)
+                if self._prefilling is not None:
+                    group = [self._prefilling]
+                else:
+                    group = self._admit(budget - spent)
+                if not group or any(live.cancelled for live in group):
+                    return   # the next sweep ends a cancelled one
+            spent += self._prefill_group(group)
 
-    def _prefill_chunk(self, live: _Live) -> int:
-        """Feed the next chunk of a request's prompt; on its last chunk, deliver the first token."""
-        prompt, c = live.request.prompt, self.config
-        chunk = list(prompt[live.prefilled:live.prefilled + c.prefill_chunk])
-        final = live.prefilled + len(chunk) == len(prompt)
-        sampling = live.request.sampling
-        arm = steps.arm(live.request.max_tokens, sorted(live.stop_ids), c.max_stop_ids,
-                        0 if live.request.logprobs is None else live.request.logprobs, sampling,
-                        sampler.row_keys(live.seed, 1)[0])
-        out = self._prefill_call(live.slot, chunk, live.prefilled, final, arm)
-        live.prefilled += len(chunk)
+    def _admit(self, room: int) -> list[_Live]:
+        """Take requests from the head of the queue into the lowest free slots (lock held): short
+        prompts while their padded [k, T] call fits `room` tokens (at least one), or one long prompt,
+        which becomes `_prefilling` until its last piece."""
+        c, free = self.config, [slot for slot, live in enumerate(self._slots) if live is None]
+        group, width = [], 0
+        while self._queue and len(group) < len(free) and self.state != STOPPED:
+            n = len(self._queue[0].request.prompt)
+            if n > c.prefill_chunk and group:
+                break
+            width = max(width, sampler.bucket(n, 16))
+            if group and self._rows(len(group) + 1) * width > room:
+                break
+            group.append(self._queue.popleft())
+            if n > c.prefill_chunk:
+                self._prefilling = group[0]
+                break
+        now = time.monotonic()
+        for live, slot in zip(group, free):
+            live.slot = live.handle.slot = slot
+            live.admitted = now
+            self._slots[slot] = live
+            with self.metrics.lock:
+                self.metrics.queue_time.observe(now - live.arrival)
+        if group:
+            self.metrics.waiting.set(len(self._queue))
+            self.metrics.running.set(sum(x is not None for x in self._slots))
+        return group
+
+    def _rows(self, k: int) -> int:
+        """The request bucket of a prefill call of k requests: a power of two, at most max_batch."""
+        return min(sampler.bucket(k, 1), self.config.max_batch)
+
+    def _prefill_group(self, group: list[_Live]) -> int:
+        """Feed the next chunk of each request's prompt in one call; deliver the first token of each
+        whose prompt is now in. Returns the tokens computed (padding included)."""
+        c = self.config
+        chunks = [list(live.request.prompt[live.prefilled:live.prefilled + c.prefill_chunk]) for live in group]
+        finals = [live.prefilled + len(chunk) == len(live.request.prompt) for live, chunk in zip(group, chunks)]
+        rows = self._rows(len(group))
+        arm = steps.arm([(live.request.max_tokens, sorted(live.stop_ids), live.request.logprobs or 0,
+                          live.request.sampling, live.key) for live in group], c.max_stop_ids, rows)
+        out = self._prefill_call([live.slot for live in group], chunks, [live.prefilled for live in group], finals,
+                                 arm, fresh=group[0].prefilled == 0)
+        for live, chunk in zip(group, chunks):
+            live.prefilled += len(chunk)
         with self.metrics.lock:
-            self.metrics.prompt_tokens.inc(len(chunk))
+            self.metrics.prompt_tokens.inc(sum(map(len, chunks)))
             self.metrics.prefill_calls.inc()
-        if final:
+        if any(finals):
             ids, lps, top_ids, top_lps = jax.device_get(out)
+            now = time.monotonic()
             with self._cv:
-                self._prefilling = None
-                self._deliver(live, ids[0], lps[0], top_ids[0], top_lps[0], time.monotonic())
-        return len(chunk)
+                for i, (live, final) in enumerate(zip(group, finals)):
+                    if final:
+                        if live is self._prefilling:
+                            self._prefilling = None
+                        self._deliver(live, ids[i], lps[i], top_ids[i], top_lps[i], now)
+        return rows * sampler.bucket(max(map(len, chunks)), 16)
 
-    def _prefill_call(self, slot: int, chunk: list[int], start: int, final: bool, arm: steps.Arm):
-        length = sampler.bucket(len(chunk), 16)
-        tokens, positions = sampler.pad_chunk([chunk], [start], length, self.model.config.pad_token_id)
-        self.device, out = steps.prefill(self.model.graphdef, self.model.state, self.device, np.int32(slot), tokens,
-                                         positions, np.bool_(final), arm, fresh=start == 0)
+    def _prefill_call(self, slot_ids: list[int], chunks: list[list[int]], starts: list[int], finals: list[bool],
+                      arm: steps.Arm, fresh: bool):
+        rows, pad = arm.max_tokens.shape[0], len(chunks)
+        length = sampler.bucket(max(map(len, chunks)), 16)
+        tokens, positions = sampler.pad_chunk(chunks + [[]] * (rows - pad), starts + [0] * (rows - pad), length,
+                                              self.model.config.pad_token_id)
+        ids = np.full((rows,), self.config.max_batch, np.int32)   # padding rows: out of range, written nowhere
+        ids[:pad] = slot_ids
+        self.device, out = steps.prefill(self.model.graphdef, self.model.state, self.device, ids, tokens, positions,
+                                         np.asarray(finals + [False] * (rows - pad)), arm, fresh=fresh)
         self.prefill_calls += 1
         return out
 

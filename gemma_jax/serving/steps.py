@@ -1,7 +1,8 @@
 """The engine's jitted programs over one batched decode state (JetStream's prefill / insert /
 generate split, with the insert fused into the prefill):
 
-- `prefill`: one request's prompt chunk [1, T] into its slot of the batched KV cache; on the last
+- `prefill`: k requests' prompt chunks [k, T] into their slots of the batched KV cache (k = 1 for
+  a long prompt's pieces, up to B for short prompts admitted together); on a request's last
   chunk, its first token and the row's settings (sampling arrays, stop ids, max_tokens) armed.
 - `decode`: up to `limit` tokens for every live row in one call (a lax.while_loop), the state
   donated; finished rows go idle on the device, in the step that finished them. It runs over the
@@ -9,8 +10,8 @@ generate split, with the insert fused into the prefill):
   engine does not pay for the whole batch.
 
 Shapes: B slots, S cache positions, M stop ids per row, N tokens per decode call, V vocab.
-Compilation: `prefill` once per (prompt bucket T, fresh cache or not), `decode` once per
-(row bucket, S, N); sampling settings are arrays, so no mix of requests compiles anything new.
+Compilation: `prefill` once per (prompt bucket T, request bucket k, fresh cache or not),
+`decode` once per (row bucket, S, N); sampling settings are arrays, so no mix of requests compiles anything new.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ class Slots(NamedTuple):
 
 
 class Arm(NamedTuple):
-    """One request's settings, as the prefill program writes them into its slot."""
-    max_tokens: jax.Array  # int32
-    stop_ids: jax.Array    # [M] int32
-    top_n: jax.Array       # int32
-    rows: sampler.Rows     # [1]
+    """k requests' settings, as the prefill program writes them into their slots."""
+    max_tokens: jax.Array  # [k] int32
+    stop_ids: jax.Array    # [k, M] int32
+    top_n: jax.Array       # [k] int32
+    rows: sampler.Rows     # [k]
 
 
 class Tokens(NamedTuple):
@@ -69,12 +70,14 @@ def init_slots(config, batch: int, max_length: int, dtype, max_stop_ids: int, de
     return jax.device_put(slots, device or jax.devices()[0])
 
 
-def _row(x: jax.Array, slot) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+def _rows(x: jax.Array, slot_ids: jax.Array) -> jax.Array:
+    """Rows `slot_ids` [k] of x (an out-of-range id, a padding row, reads the last row)."""
+    return jnp.take(x, slot_ids, axis=0, mode="clip")
 
 
-def _put(x: jax.Array, row: jax.Array, slot) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(x, row.astype(x.dtype), slot, axis=0)
+def _put(x: jax.Array, rows: jax.Array, slot_ids: jax.Array) -> jax.Array:
+    """x with rows `slot_ids` [k] replaced (an out-of-range id, a padding row, writes nothing)."""
+    return x.at[slot_ids].set(rows.astype(x.dtype), mode="drop")
 
 
 def _top(logits: jax.Array, want) -> tuple[jax.Array, jax.Array]:
@@ -85,33 +88,36 @@ def _top(logits: jax.Array, want) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("slots",))
-def prefill(graphdef, state, slots: Slots, slot, tokens, positions, final, arm: Arm, *, fresh: bool):
-    """Feed a right-padded chunk [1, T] at `positions` into slot `slot`'s cache (fresh: the first
-    chunk of a new request, which attends to itself only). On the final chunk the row is armed
-    with its first token; until then it stays done, so decode calls leave it alone.
+def prefill(graphdef, state, slots: Slots, slot_ids, tokens, positions, final, arm: Arm, *, fresh: bool):
+    """Feed k requests' right-padded chunks [k, T] at `positions` into slots `slot_ids` [k] of the
+    batched cache (fresh: each chunk is its request's first and attends to itself only). A row
+    whose chunk is its request's last (`final` [k]) is armed with its first token and settings;
+    until then it stays done, so decode calls leave it alone. Padding rows (to a bucket of k) have
+    slot id B (out of range): they read the last slot and write nothing.
 
-    Returns (slots, Tokens of [B=1, N=1]) for the first token.
+    Returns (slots, Tokens of [k, N=1]): each row's first token.
     """
     model = nnx.merge(graphdef, state)
-    row_cache = kv.KVCache(tuple(kv.LayerKV(_row(l.k, slot), _row(l.v, slot)) for l in slots.cache.layers),
-                           jnp.zeros((1,), jnp.int32) if fresh else _row(slots.cache.end, slot))
+    k = tokens.shape[0]
+    row_cache = kv.KVCache(tuple(kv.LayerKV(_rows(l.k, slot_ids), _rows(l.v, slot_ids)) for l in slots.cache.layers),
+                           jnp.zeros((k,), jnp.int32) if fresh else _rows(slots.cache.end, slot_ids))
     logits, row_cache = sampler.prefill_logits(model, tokens, positions, row_cache, fresh)
-    first, logprob = sampler.sample(logits, arm.rows, jnp.zeros((1,), jnp.int32))
-    top_ids, top_lps = _top(logits, arm.top_n > 0)
-    cache = kv.KVCache(tuple(kv.LayerKV(_put(l.k, r.k, slot), _put(l.v, r.v, slot))
+    first, logprob = sampler.sample(logits, arm.rows, jnp.zeros((k,), jnp.int32))
+    top_ids, top_lps = _top(logits, jnp.any(arm.top_n > 0))
+    cache = kv.KVCache(tuple(kv.LayerKV(_put(l.k, r.k, slot_ids), _put(l.v, r.v, slot_ids))
                              for l, r in zip(slots.cache.layers, row_cache.layers)),
-                       _put(slots.cache.end, row_cache.end, slot))
-    finished = jnp.isin(first[0], arm.stop_ids) | (arm.max_tokens <= 1)
+                       _put(slots.cache.end, row_cache.end, slot_ids))
+    finished = jnp.any(first[:, None] == arm.stop_ids, axis=1) | (arm.max_tokens <= 1)
     vocab = slots.counts.shape[1]
     slots = Slots(cache,
-                  slots.last.at[slot].set(first[0]),
-                  slots.done.at[slot].set(~final | finished),
-                  slots.steps.at[slot].set(1),
-                  slots.max_tokens.at[slot].set(arm.max_tokens),
-                  _put(slots.stop_ids, arm.stop_ids[None], slot),
-                  slots.top_n.at[slot].set(arm.top_n),
-                  jax.tree.map(lambda all_rows, one: _put(all_rows, one, slot), slots.rows, arm.rows),
-                  _put(slots.counts, jax.nn.one_hot(first, vocab, dtype=jnp.int32), slot))
+                  _put(slots.last, first, slot_ids),
+                  _put(slots.done, ~final | finished, slot_ids),
+                  _put(slots.steps, jnp.ones((k,), jnp.int32), slot_ids),
+                  _put(slots.max_tokens, arm.max_tokens, slot_ids),
+                  _put(slots.stop_ids, arm.stop_ids, slot_ids),
+                  _put(slots.top_n, arm.top_n, slot_ids),
+                  jax.tree.map(lambda all_rows, some: _put(all_rows, some, slot_ids), slots.rows, arm.rows),
+                  _put(slots.counts, jax.nn.one_hot(first, vocab, dtype=jnp.int32), slot_ids))
     return slots, Tokens(first[:, None], logprob[:, None], top_ids[:, None], top_lps[:, None])
 
 
@@ -172,10 +178,14 @@ def release(done, mask):
     return done | mask
 
 
-def arm(max_tokens: int, stop_ids, max_stop_ids: int, top_n: int, sampling: sampler.Sampling,
-        key: jax.Array) -> Arm:
-    """A request's settings as the arrays `prefill` writes into its slot."""
-    stops = np.full((max_stop_ids,), -1, np.int32)
-    stops[:len(stop_ids)] = stop_ids
-    rows = sampler.Rows.build([sampling], key[None])
-    return Arm(jnp.int32(max_tokens), jnp.asarray(stops), jnp.int32(top_n), rows)
+def arm(requests, max_stop_ids: int, rows: int) -> Arm:
+    """The settings of k requests as the [rows] arrays `prefill` writes into their slots: each
+    request is (max_tokens, stop ids, top_n, Sampling, PRNG key); rows past k (padding) repeat the
+    first request's."""
+    requests = list(requests) + [requests[0]] * (rows - len(requests))
+    stops = np.full((rows, max_stop_ids), -1, np.int32)
+    for i, r in enumerate(requests):
+        stops[i, :len(r[1])] = r[1]
+    keys = jnp.stack([r[4] for r in requests])
+    return Arm(jnp.asarray([r[0] for r in requests], jnp.int32), jnp.asarray(stops),
+               jnp.asarray([r[2] for r in requests], jnp.int32), sampler.Rows.build([r[3] for r in requests], keys))
