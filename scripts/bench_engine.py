@@ -5,7 +5,7 @@
 - time to first token of a new request while 7 others decode, against the same request alone.
 
 Greedy, every request the same prompt length and exactly --gen-len new tokens (no stop ids), each
-figure the best of --repeats warm runs. Run it alone on the machine (cpu-exclusive).
+figure the best of --repeats warm runs, the three interleaved in each round. Run it alone on the machine (cpu-exclusive).
 
     python scripts/bench_engine.py                                  # the built-in default model
     python scripts/bench_engine.py --preset 2b --repeats 1 --json docs/serving_engine_2b.json
@@ -31,13 +31,16 @@ from gemma_jax.serving.launch import ModelSource  # noqa: E402
 from gemma_jax.serving.types import Request  # noqa: E402
 
 
-def best(fn, repeats: int) -> float:
-    times = []
+def best(fns, repeats: int) -> list[float]:
+    """The best time of each function over `repeats` rounds, the functions interleaved in every
+    round (so a slow spell of the machine hits all of them alike)."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def engine_batch(engine: Engine, prompts, gen_len: int) -> None:
@@ -76,7 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--min-decode-batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -102,7 +105,7 @@ def main(argv=None) -> dict:
         # warm-up: compile everything first (one after another runs generate_ids' batch-1 program)
         for fn in (static, lambda: model.generate_ids(prompts[:1], args.gen_len, stop_ids=[]), served):
             fn()
-        t_static, t_seq, t_engine = (best(fn, args.repeats) for fn in (static, one_by_one, served))
+        t_static, t_seq, t_engine = best((static, one_by_one, served), args.repeats)
         run = {"concurrency": c, "engine_tok_s": tokens / t_engine, "static_batch_tok_s": tokens / t_static,
                "one_after_another_tok_s": tokens / t_seq}
         run["engine_vs_static"] = run["engine_tok_s"] / run["static_batch_tok_s"]

@@ -8,8 +8,10 @@ One thread (the engine loop) owns the device state. Each iteration it
    [k, T], a prompt longer than `prefill_chunk` alone, one chunk at a time; while other rows are
    decoding, about one chunk's worth of prompt tokens per iteration, so a long prompt (or a burst
    of short ones) never stalls the running requests for more than one chunk,
-3. runs one multi-step decode call (`decode_steps` tokens per row) and hands each request its new
-   tokens and text through its `on_output` callback.
+3. queues one multi-step decode call (`decode_steps` tokens per row), and while it runs hands each
+   request the previous call's tokens and text through its `on_output` callback (the host's
+   work overlaps the device's; a row the host ends, by a stop string or a cancel, runs masked for
+   at most that one queued call).
 
 Determinism: every row of the decode step is computed by row-wise operations and matrix products
 whose rows do not depend on the other rows' values, the sampling of a row draws from its own seed
@@ -297,6 +299,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        pending = None   # the decode call in flight: its tokens are handed out after the next is queued
         try:
             while True:
                 with self._cv:
@@ -304,12 +307,17 @@ class Engine:
                     self._sweep()
                     if self.state == STOPPED:
                         break
-                    if not self._queue and self._prefilling is None and not any(self._slots):
+                    idle = not self._queue and self._prefilling is None and not any(self._slots)
+                    if idle and pending is None:
                         self._cv.wait(timeout=1.0)
                         continue
                 self._prefill_some()
+                queued = None
                 if any(live is not None and live.first_token is not None for live in self._slots):
-                    self._decode_once()
+                    queued = self._queue_decode()
+                if pending is not None:
+                    self._hand_out(*pending)
+                pending = queued
         except BaseException as e:  # a bug or a device failure: fail every request, report unhealthy
             traceback.print_exc()
             with self._cv:
@@ -439,20 +447,27 @@ class Engine:
         self.prefill_calls += 1
         return out
 
-    def _decode_once(self) -> None:
+    def _queue_decode(self):
+        """Queue one decode call (asynchronous: the host hands out the previous call's tokens while
+        this one runs). Returns (its Tokens, the request in each of its rows when it was queued)."""
         n = self.config.decode_steps
         live = max(slot for slot, x in enumerate(self._slots) if x is not None and x.first_token is not None) + 1
         rows = next(b for b in self.buckets if b >= live)
         self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(n), buffer=n,
                                         rows=rows)
-        ids, lps, top_ids, top_lps = jax.device_get(out)
-        now = time.monotonic()
         self.decode_calls += 1
         with self.metrics.lock:
             self.metrics.decode_calls.inc()
+        return out, [x if x is not None and x.first_token is not None else None for x in self._slots[:rows]]
+
+    def _hand_out(self, out: steps.Tokens, rows: list[_Live | None]) -> None:
+        """Deliver a finished decode call's tokens to the requests that held its rows. A request
+        ended by the host since (stop string, cancel) gets nothing more; its row went on, masked."""
+        ids, lps, top_ids, top_lps = jax.device_get(out)
+        now = time.monotonic()
         with self._cv:
-            for slot, live in enumerate(self._slots[:rows]):
-                if live is None or live.first_token is None or live.finished:
+            for slot, live in enumerate(rows):
+                if live is None or live.finished:
                     continue
                 made = int((ids[slot] >= 0).sum())
                 if made:
