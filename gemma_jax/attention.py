@@ -205,8 +205,7 @@ def blockwise(q, k, v, q_pos, k_pos, *, scale, softcap, window, block_q: int = 2
     k_lo = jnp.min(jnp.where(k_pos >= 0, k_pos, big), axis=-1)                          # [nk, B]
     k_hi = jnp.max(k_pos, axis=-1)                                                       # -1: empty
 
-    def query_block(args):
-        qb, qp = args                                                                    # [B, bq, K, G, H], [B, bq]
+    def query_block(qb, qp):                                                             # [B, bq, K, G, H], [B, bq]
         q_hi = jnp.max(qp, axis=-1)                                                      # [B]
         q_lo = jnp.min(jnp.where(qp >= 0, qp, big), axis=-1)
         needed = (k_hi >= 0) & (k_lo <= q_hi)                                            # [nk, B]
@@ -236,6 +235,12 @@ def blockwise(q, k, v, q_pos, k_pos, *, scale, softcap, window, block_q: int = 2
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]                                  # no visible key: 0
         return jnp.moveaxis(out, 3, 1).astype(dt)                                        # [B, bq, K, G, H]
 
-    out = jax.lax.map(query_block, (q, q_pos))                                           # [nq, B, bq, K, G, H]
+    # Each query block's output replaces its queries in the same buffer (a block is read before it
+    # is written, later blocks are untouched): no output buffer exists apart from the queries',
+    # which XLA would otherwise allocate (and fill with zeros) at the start of the whole program.
+    def step_q(i, blocks):
+        return blocks.at[i].set(query_block(blocks[i], q_pos[i]))
+
+    out = jax.lax.fori_loop(0, nq, step_q, q)                                            # [nq, B, bq, K, G, H]
     return out.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]
 

@@ -76,22 +76,29 @@ class Attention(nnx.Module):
         k = _site(hook, f"{self.name}.hook_rot_k", rope(k, positions, self.rope_theta))
 
         keys, values, key_pos = k, v, positions
-        new_cache = None if layer_cache is None else kv.write(layer_cache, k, v, positions)
-        if layer_cache is not None and attend_cache:
-            slots = layer_cache.k.shape[1]
-            if t == 1 or self.window is None:
-                # One new token (decode), or any chunk on a global layer (slot = position: the write
-                # overwrites nothing): write, then attend over the buffer alone, with no copy of the
-                # cache. A decode step's slot held position p - S, outside every window reaching p.
-                keys, values = new_cache.k.astype(dt), new_cache.v.astype(dt)
-                key_pos = kv.slot_positions(kv.advance(end, positions), slots)
-            else:  # a chunk on a ring: the old ring (whose slots the chunk may overwrite), then the chunk
-                keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
-                values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
-                key_pos = jnp.concatenate([kv.slot_positions(end, slots), positions], axis=1)
+        ring_chunk = layer_cache is not None and attend_cache and t > 1 and self.window is not None
+        new_cache = None if layer_cache is None or ring_chunk else kv.write(layer_cache, k, v, positions)
+        if new_cache is not None and attend_cache:
+            # One new token (decode), or any chunk on a global layer (slot = position: the write
+            # overwrites nothing): write, then attend over the buffer alone, with no copy of the
+            # cache. A decode step's slot held position p - S, outside every window reaching p.
+            keys, values = new_cache.k.astype(dt), new_cache.v.astype(dt)
+            key_pos = kv.slot_positions(kv.advance(end, positions), layer_cache.k.shape[1])
+        elif ring_chunk:  # a chunk on a ring: the old ring (whose slots the chunk may overwrite), then the chunk
+            keys = jnp.concatenate([layer_cache.k.astype(dt), k], axis=1)
+            values = jnp.concatenate([layer_cache.v.astype(dt), v], axis=1)
+            key_pos = jnp.concatenate([kv.slot_positions(end, layer_cache.k.shape[1]), positions], axis=1)
 
         z = attend(q, keys, values, positions, key_pos, scale=self.scale, softcap=self.softcap,
                    window=self.window, hook=hook, name=self.name, config=self.attention)
+        if ring_chunk:
+            # Write the ring after attention has read it, through a data dependence on z (a token
+            # whose output is NaN is not stored: never the case for finite inputs). Without one,
+            # XLA cannot order the read before the in-place write into the donated ring, so it
+            # copies the ring, and schedules every layer's copy at the start of the program (all
+            # sliding layers' at once: 0.4 GiB on the 2B shape; docs/performance.md).
+            written = jnp.where(jnp.isnan(z[:, :, 0, 0]), -1, positions)
+            new_cache = kv.write(layer_cache, k, v, written)
         z = _site(hook, f"{self.name}.hook_z", z)                              # [B, T, N, H]
         if wants(hook, f"{self.name}.hook_result"):  # per-head outputs, summed (only when asked for)
             w_o = self.o[...]

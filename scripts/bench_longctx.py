@@ -134,6 +134,7 @@ def temp_memory(lengths: list[int], impls: list[str], chunks: list[int] = (), ca
     from gemma_jax.model import abstract_model
     config = gemma2_2b()
     stops = jax.ShapeDtypeStruct((4,), jnp.int32)
+    greedy = sampler.Rows.build([sampler.Sampling()], sampler.row_keys(0, 1))  # one greedy row (tiny arrays)
     rows = []
 
     def record(program, impl, t, compiled, **extra):
@@ -148,8 +149,8 @@ def temp_memory(lengths: list[int], impls: list[str], chunks: list[int] = (), ca
             cache = jax.eval_shape(lambda: kv.init_cache(config, 1, t, jnp.float32))
             tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
             record("whole prompt (start)", impl, t, sampler.start.lower(
-                graphdef, state, cache, tokens, tokens, jax.random.key(0), stops, jnp.int32(0),
-                sampling=sampler.Sampling(), buffer=1, fresh=True).compile())
+                graphdef, state, cache, tokens, tokens, greedy, None, stops, jnp.int32(0), buffer=1,
+                fresh=True).compile())
     if chunks:
         graphdef, state = nnx.split(abstract_model(config))
         cache = jax.eval_shape(lambda: kv.init_cache(config, 1, cache_len, jnp.float32))
@@ -158,9 +159,9 @@ def temp_memory(lengths: list[int], impls: list[str], chunks: list[int] = (), ca
             record("chunk (prefill_chunk)", "auto", c, sampler.prefill_chunk.lower(
                 graphdef, state, cache, tokens, tokens, fresh=False, logits=False).compile(), cache=cache_len)
         loop = jax.eval_shape(lambda c: sampler.Loop(c, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1)),
-                                                     jnp.zeros((1,), bool), jnp.int32(1), jax.random.key(0)), cache)
-        record("decode", "auto", 1, sampler.decode.lower(graphdef, state, loop, stops, jnp.int32(0), jnp.int32(1),
-                                                         sampling=sampler.Sampling()).compile(), cache=cache_len)
+                                                     jnp.zeros((1,), bool), jnp.int32(1), greedy, None), cache)
+        record("decode", "auto", 1, sampler.decode.lower(graphdef, state, loop, stops, jnp.int32(0),
+                                                         jnp.int32(1)).compile(), cache=cache_len)
     return rows
 
 
