@@ -11,7 +11,8 @@ One thread (the engine loop) owns the device state. Each iteration it
 3. queues one multi-step decode call (`decode_steps` tokens per row), and while it runs hands each
    request the previous call's tokens and text through its `on_output` callback (the host's
    work overlaps the device's; a row the host ends, by a stop string or a cancel, runs masked for
-   at most that one queued call).
+   at most that one queued call). When a request is waiting for a free slot at that moment, the
+   next call is queued only after its prefill, so admission waits for one call, not two.
 
 Determinism: every row of the decode step is computed by row-wise operations and matrix products
 whose rows do not depend on the other rows' values, the sampling of a row draws from its own seed
@@ -312,12 +313,16 @@ class Engine:
                         self._cv.wait(timeout=1.0)
                         continue
                 self._prefill_some()
-                queued = None
-                if any(live is not None and live.first_token is not None for live in self._slots):
-                    queued = self._queue_decode()
-                if pending is not None:
-                    self._hand_out(*pending)
-                pending = queued
+                decoding = any(live is not None and live.first_token is not None for live in self._slots)
+                if pending is None:
+                    pending = self._queue_decode() if decoding else None
+                    continue
+                out, rows = pending
+                out = jax.device_get(out)   # the call in flight is done
+                with self._cv:   # a request that came meanwhile is prefilled before the next call
+                    admit = bool(self._queue) and None in self._slots
+                pending = self._queue_decode() if decoding and not admit else None
+                self._hand_out(out, rows)
         except BaseException as e:  # a bug or a device failure: fail every request, report unhealthy
             traceback.print_exc()
             with self._cv:
@@ -461,9 +466,10 @@ class Engine:
         return out, [x if x is not None and x.first_token is not None else None for x in self._slots[:rows]]
 
     def _hand_out(self, out: steps.Tokens, rows: list[_Live | None]) -> None:
-        """Deliver a finished decode call's tokens to the requests that held its rows. A request
-        ended by the host since (stop string, cancel) gets nothing more; its row went on, masked."""
-        ids, lps, top_ids, top_lps = jax.device_get(out)
+        """Deliver a finished decode call's tokens (on the host) to the requests that held its rows.
+        A request ended by the host since (stop string, cancel) gets nothing more; its row went on,
+        masked."""
+        ids, lps, top_ids, top_lps = out
         now = time.monotonic()
         with self._cv:
             for slot, live in enumerate(rows):
