@@ -6,6 +6,7 @@ The engine here has 4 slots, 256 positions, prefill chunks of 32 tokens (so long
 prefilled in pieces between decode calls) and 4 tokens per decode call.
 """
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -58,11 +59,13 @@ def reference(model, prompts):
     return out
 
 
-def run_all(engine, requests, timeout=300):
+def run_all(engine, requests, timeout=300, together=False):
     """Submit every request at once (in order: the lowest free slot goes to the earliest) and
-    collect each one's Completion; also returns the slot each was admitted to."""
+    collect each one's Completion; also returns the slot each was admitted to. together: submit
+    under the engine's lock, so its loop sees them all at once (the same prefill groups each time)."""
     queues = [queue.Queue() for _ in requests]
-    handles = [engine.submit(r, q.put) for r, q in zip(requests, queues)]
+    with engine._cv if together else contextlib.nullcontext():
+        handles = [engine.submit(r, q.put) for r, q in zip(requests, queues)]
     results = []
     for q in queues:
         outputs = [q.get(timeout=timeout)]
@@ -302,9 +305,9 @@ def test_compiled_programs_are_bounded_by_the_shapes(model, report):
         mixes = [dict(), dict(sampling=Sampling(temperature=0.7, top_k=5), seed=1, logprobs=3),
                  dict(sampling=Sampling(temperature=1.2, top_p=0.8, presence_penalty=1.0), stop_strings=["\n"]),
                  dict(sampling=Sampling(frequency_penalty=-0.5), stop_ids=[5, 6, 7])]
-        run_all(engine, [Request(p, 20, **mixes[i % 4]) for i, p in enumerate(prompts)])
+        run_all(engine, [Request(p, 20, **mixes[i % 4]) for i, p in enumerate(prompts)], together=True)
         counts = steps.prefill._cache_size() - before[0], steps.decode._cache_size() - before[1]
-        run_all(engine, [Request(p, 20, **mixes[(i + 1) % 4]) for i, p in enumerate(prompts)])
+        run_all(engine, [Request(p, 20, **mixes[(i + 1) % 4]) for i, p in enumerate(prompts)], together=True)
         again = steps.prefill._cache_size() - before[0], steps.decode._cache_size() - before[1]
     finally:
         engine.stop()
