@@ -8,7 +8,7 @@ Greedy, every request the same prompt length and exactly --gen-len new tokens (n
 figure the best of --repeats warm runs, the three interleaved in each round. Run it alone on the machine (cpu-exclusive).
 
     python scripts/bench_engine.py                                  # the built-in default model
-    python scripts/bench_engine.py --preset 2b --repeats 1 --json docs/serving_engine_2b.json
+    python scripts/bench_engine.py --preset 2b --prompt-len 16 --gen-len 8 --repeats 2 --json docs/serving_engine_2b.json
 """
 
 from __future__ import annotations

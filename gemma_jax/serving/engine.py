@@ -155,7 +155,7 @@ class Engine:
     def _warmup(self) -> None:
         """Compile the decode program of every row bucket and the prefill of the smallest prompt."""
         self._prefill_call([0], [[self.model.config.bos_token_id]], [0], [True], steps.arm(
-            [(1, [], 0, sampler.Sampling(), sampler.row_keys(0, 1)[0])], self.config.max_stop_ids, 1), fresh=True)
+            [1], [[]], [0], [sampler.Sampling()], [sampler.row_keys(0, 1)[0]], self.config.max_stop_ids, 1), fresh=True)
         for rows in self.buckets:
             self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(1),
                                             buffer=self.config.decode_steps, rows=rows)
@@ -419,8 +419,9 @@ class Engine:
         chunks = [list(live.request.prompt[live.prefilled:live.prefilled + c.prefill_chunk]) for live in group]
         finals = [live.prefilled + len(chunk) == len(live.request.prompt) for live, chunk in zip(group, chunks)]
         rows = self._rows(len(group))
-        arm = steps.arm([(live.request.max_tokens, sorted(live.stop_ids), live.request.logprobs or 0,
-                          live.request.sampling, live.key) for live in group], c.max_stop_ids, rows)
+        arm = steps.arm([live.request.max_tokens for live in group], [sorted(live.stop_ids) for live in group],
+                        [live.request.logprobs or 0 for live in group], [live.request.sampling for live in group],
+                        [live.key for live in group], c.max_stop_ids, rows)
         out = self._prefill_call([live.slot for live in group], chunks, [live.prefilled for live in group], finals,
                                  arm, fresh=group[0].prefilled == 0)
         for live, chunk in zip(group, chunks):

@@ -178,14 +178,15 @@ def release(done, mask):
     return done | mask
 
 
-def arm(requests, max_stop_ids: int, rows: int) -> Arm:
-    """The settings of k requests as the [rows] arrays `prefill` writes into their slots: each
-    request is (max_tokens, stop ids, top_n, Sampling, PRNG key); rows past k (padding) repeat the
-    first request's."""
-    requests = list(requests) + [requests[0]] * (rows - len(requests))
+def arm(max_tokens, stop_ids, top_n, samplings, keys, max_stop_ids: int, rows: int) -> Arm:
+    """The settings of k requests (a list of each: max_tokens, stop ids, top_n, Sampling, PRNG
+    key) as the [rows] arrays `prefill` writes into their slots; rows past k (padding) repeat
+    the first request's."""
+    pad = rows - len(max_tokens)
+    max_tokens, stop_ids, top_n, samplings, keys = (list(x) + [x[0]] * pad
+                                                    for x in (max_tokens, stop_ids, top_n, samplings, keys))
     stops = np.full((rows, max_stop_ids), -1, np.int32)
-    for i, r in enumerate(requests):
-        stops[i, :len(r[1])] = r[1]
-    keys = jnp.stack([r[4] for r in requests])
-    return Arm(jnp.asarray([r[0] for r in requests], jnp.int32), jnp.asarray(stops),
-               jnp.asarray([r[2] for r in requests], jnp.int32), sampler.Rows.build([r[3] for r in requests], keys))
+    for i, ids in enumerate(stop_ids):
+        stops[i, :len(ids)] = ids
+    return Arm(jnp.asarray(max_tokens, jnp.int32), jnp.asarray(stops), jnp.asarray(top_n, jnp.int32),
+               sampler.Rows.build(samplings, jnp.stack(keys)))
