@@ -31,8 +31,6 @@ from gemma_jax.serving.metrics import Metrics
 from gemma_jax.serving.openai_api import APIError, ModelInfo
 from gemma_jax.serving.types import FINISH_ABORT, FINISH_ERROR, Output
 
-DISCONNECT_POLL_S = 0.25   # how often a non-streamed request checks that its client is still there
-
 
 class Backend:
     """The engine behind the web layer, once loaded: None while starting, then the Engine."""
@@ -183,20 +181,18 @@ async def _generate(http: HTTPRequest, backend: Backend, parsed: openai_api.Pars
     if parsed.stream:
         return _EventStream(_stream(http, parsed, handle, outputs, tokenizer), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache"})
-    collected = []
+    collected, watch = [], _Outputs(http, outputs)
     try:
         while True:
-            try:
-                out = await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    handle.cancel()
-                    return JSONResponse({}, status_code=499)   # nobody reads it
-                continue
+            out = await watch.next()
+            if out is None:
+                handle.cancel()
+                return JSONResponse({}, status_code=499)   # nobody reads it
             collected.append(out)
             if out.finish_reason is not None:
                 break
     finally:
+        watch.close()
         handle.cancel()   # a no-op once finished
     last = collected[-1]
     if last.finish_reason in (FINISH_ERROR, FINISH_ABORT):
@@ -204,6 +200,37 @@ async def _generate(http: HTTPRequest, backend: Backend, parsed: openai_api.Pars
     logprobs = None if parsed.request.logprobs is None else [lp for o in collected for lp in o.logprobs or ()]
     return openai_api.response(parsed, "".join(o.text for o in collected), logprobs, last.finish_reason,
                                last.prompt_tokens, last.completion_tokens, tokenizer)
+
+
+class _Outputs:
+    """A request's outputs as the engine hands them over, until its client disconnects: a watch
+    awaits the connection's `http.disconnect` message (as vLLM does), so a client that leaves is
+    seen at once, whether anything was written to it or not (tokens without text write nothing)."""
+
+    def __init__(self, http: HTTPRequest, outputs: asyncio.Queue):
+        self.outputs = outputs
+        self.left = asyncio.ensure_future(self._watch(http))
+
+    @staticmethod
+    async def _watch(http: HTTPRequest) -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    async def next(self) -> Output | None:
+        """The next output, or None once the client has disconnected."""
+        if self.left.done():
+            return None
+        if not self.outputs.empty():
+            return self.outputs.get_nowait()
+        get = asyncio.ensure_future(self.outputs.get())
+        await asyncio.wait((get, self.left), return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+
+    def close(self) -> None:
+        self.left.cancel()
 
 
 class _EventStream(StreamingResponse):
@@ -219,19 +246,16 @@ class _EventStream(StreamingResponse):
 
 
 async def _stream(http: HTTPRequest, parsed, handle, outputs: asyncio.Queue, tokenizer):
-    """Server-sent events; when the client disconnects (seen by a failed send, or by polling while
-    no token comes, e.g. in the queue) the generator is closed and the request cancelled (finally)."""
-    chunker = openai_api.Chunker(parsed, tokenizer)
+    """Server-sent events; when the client disconnects (seen by a failed send or by the watch) the
+    generator is closed and the request cancelled (finally)."""
+    chunker, watch = openai_api.Chunker(parsed, tokenizer), _Outputs(http, outputs)
     try:
         for chunk in chunker.start():
             yield _sse(chunk)
         while True:
-            try:
-                out = await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    return
-                continue
+            out = await watch.next()
+            if out is None:
+                return
             if out.finish_reason in (FINISH_ERROR, FINISH_ABORT):
                 error = APIError(500 if out.finish_reason == FINISH_ERROR else 503, out.error or "aborted")
                 yield _sse(error.body())
@@ -242,6 +266,7 @@ async def _stream(http: HTTPRequest, parsed, handle, outputs: asyncio.Queue, tok
                 break
         yield "data: [DONE]\n\n"
     finally:
+        watch.close()
         handle.cancel()
 
 
