@@ -238,7 +238,9 @@ def _add_serving(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + generated tokens per request")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
-    p.add_argument("--decode-steps", type=int, default=8, help="tokens per decode call and host round trip")
+    p.add_argument("--decode-steps", type=int, default=64, help="most tokens per decode call (host round trip)")
+    p.add_argument("--decode-call-ms", type=float, default=40.0, help="target length of a decode call: each makes "
+                   "as many steps as fit, from the measured step time (how often tokens stream)")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds SIGTERM waits for running requests")
     p.add_argument("--no-warmup", action="store_true", help="compile on the first request instead of at start")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -263,7 +265,8 @@ def _serve(args) -> None:
     from gemma_jax.serving.server import ServeOptions
     source = launch.ModelSource(args.ckpt and str(args.ckpt), args.preset, args.tokenizer and str(args.tokenizer),
                                 args.dtype)
-    config = EngineConfig(args.max_batch, args.max_length, args.max_queue, args.prefill_chunk, args.decode_steps)
+    config = EngineConfig(args.max_batch, args.max_length, args.max_queue, args.prefill_chunk, args.decode_steps,
+                          decode_call_ms=args.decode_call_ms)
     if not 0 <= args.port < 65536:
         raise GenerationError(f"--port must be in [0, 65535], got {args.port}")
     options = ServeOptions(args.host, args.port, args.model_name or source.describe(), args.drain_timeout,

@@ -85,11 +85,21 @@ class Rows(NamedTuple):
                 np.asarray([s.frequency_penalty for s in samplings], np.float32))
 
 
-def seed_key(seed: int) -> jax.Array:
-    """A PRNG key for any integer seed, taken modulo 2**64 (jax.random.key(seed) for 0 <= seed < 2**32;
-    without x64, jax.random.key would fold larger seeds onto small ones)."""
+def seed_data(seed: int) -> np.ndarray:
+    """The [2] uint32 key data of any integer seed, taken modulo 2**64 (that of jax.random.key(seed)
+    for 0 <= seed < 2**32; without x64, jax.random.key would fold larger seeds onto small ones)."""
     s = int(seed) % 2**64
-    return jax.random.wrap_key_data(np.asarray([s >> 32, s & 0xFFFFFFFF], np.uint32))
+    return np.asarray([s >> 32, s & 0xFFFFFFFF], np.uint32)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for any integer seed (see `seed_data`)."""
+    return jax.random.wrap_key_data(seed_data(seed))
+
+
+def first_row_keys(data: jax.Array) -> jax.Array:
+    """row_keys(seed, 1)[0] of k seeds at once, traceable: data [k, 2] their `seed_data` -> [k] keys."""
+    return jax.vmap(lambda d: jax.random.fold_in(jax.random.wrap_key_data(d), 0))(data)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -6,7 +6,6 @@ The engine here has 4 slots, 256 positions, prefill chunks of 32 tokens (so long
 prefilled in pieces between decode calls) and 4 tokens per decode call.
 """
 
-import contextlib
 import dataclasses
 import queue
 import threading
@@ -61,10 +60,12 @@ def reference(model, prompts):
 
 def run_all(engine, requests, timeout=300, together=False):
     """Submit every request at once (in order: the lowest free slot goes to the earliest) and
-    collect each one's Completion; also returns the slot each was admitted to. together: submit
-    under the engine's lock, so its loop sees them all at once (the same prefill groups each time)."""
+    collect each one's Completion; also returns the slot each was admitted to. together: with
+    submit_many, so the loop sees them all at once (the same prefill groups each time)."""
     queues = [queue.Queue() for _ in requests]
-    with engine._cv if together else contextlib.nullcontext():
+    if together:
+        handles = engine.submit_many([(r, q.put) for r, q in zip(requests, queues)])
+    else:
         handles = [engine.submit(r, q.put) for r, q in zip(requests, queues)]
     results = []
     for q in queues:
@@ -112,22 +113,31 @@ def test_greedy_equals_generate_ids_in_every_slot_and_mix(engine, prompts, refer
 
 
 def test_short_prompts_admitted_together_share_one_prefill_call(engine, prompts, reference):
-    """Three short prompts queued at once (the engine lock held while submitting, so the loop sees
-    them together): one prefill call of [4, 16] (a padding row) fills three slots, and each request's
-    tokens equal generate_ids on its prompt alone."""
+    """Three short prompts submitted together (generate_many): one prefill call of [4, 16] (a
+    padding row) fills three slots, and each request's tokens equal generate_ids on its prompt alone."""
     short = [i for i, p in enumerate(prompts) if len(p) <= 16]
     assert len(short) == 3
-    queues = [queue.Queue() for _ in short]
     before = engine.prefill_calls
-    with engine._cv:
-        for i, q in zip(short, queues):
-            engine.submit(Request(prompts[i], 40), q.put)
-    for i, q in zip(short, queues):
-        outputs = [q.get(timeout=300)]
-        while outputs[-1].finish_reason is None:
-            outputs.append(q.get(timeout=300))
-        assert Completion.collect(outputs).token_ids == reference[i][0][:40]
+    done = engine.generate_many([Request(prompts[i], 40) for i in short], timeout=300)
+    assert [c.token_ids for c in done] == [reference[i][0][:40] for i in short]
     assert engine.prefill_calls - before == 1
+
+
+def test_decode_calls_last_about_decode_call_ms(model, prompts, reference):
+    """Each decode call makes as many steps as fit in decode_call_ms by the measured step time, up
+    to decode_steps: one a call for a tiny target, the cap for a huge one (after a first call of
+    one step that measures it); no call is queued once the device has finished every row."""
+    calls = {}
+    for ms in (1e-3, 1e6):
+        engine = Engine(model, dataclasses.replace(CONFIG, decode_steps=16, decode_call_ms=ms)).start(warmup=False)
+        try:
+            before = engine.decode_calls
+            c = engine.generate(Request(prompts[0], 34), timeout=300)
+            calls[ms] = engine.decode_calls - before
+        finally:
+            engine.stop()
+        assert c.token_ids == reference[0][0][:34]
+    assert calls == {1e-3: 33, 1e6: 3}   # the first token comes from the prefill; then 1 + 16 + 16
 
 
 def test_greedy_equals_hf_generate_on_tiny_random_models(tmp_path_factory):
@@ -235,6 +245,10 @@ def test_refusals(engine):
     for request, words in cases:
         with pytest.raises(GenerationError, match=words):
             engine.submit(request, lambda _: None)
+    calls = engine.prefill_calls
+    with pytest.raises(GenerationError, match="^request 1: prompt token"):   # all or none
+        engine.submit_many([(Request([2], 4), lambda _: None), (Request([2, vocab], 4), lambda _: None)])
+    assert engine.wait_idle(60) and engine.prefill_calls == calls
     assert run_all(engine, [Request([2] * 200, 56)])[0][0].completion_tokens == 56   # exactly the limit
 
 
@@ -261,6 +275,8 @@ def test_queue_bound_and_drain(model, prompts):
             handle = engine.submit(Request(prompts[0], 60), q.put)
             while handle.slot is None:
                 threading.Event().wait(0.01)
+        with pytest.raises(QueueFullError, match="3 submitted together"):   # all or none
+            engine.submit_many([(Request(prompts[0], 60), lambda _: None)] * 3)
         for q in results[CONFIG.max_batch:]:
             engine.submit(Request(prompts[0], 60), q.put)   # every slot runs, two wait
         with pytest.raises(QueueFullError, match="queue is full"):
@@ -273,7 +289,7 @@ def test_queue_bound_and_drain(model, prompts):
             outs = [q.get_nowait() for _ in range(q.qsize())]
             assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 60
         m = engine.metrics.render()
-        assert 'reason="queue_full"} 1.0' in m and 'reason="draining"} 1.0' in m
+        assert 'reason="queue_full"} 4.0' in m and 'reason="draining"} 1.0' in m
     finally:
         engine.stop()
 

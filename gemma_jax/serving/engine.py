@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import queue
 import secrets
 import threading
 import time
 import traceback
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -54,7 +53,11 @@ class EngineConfig:
     max_length: int = 1024      # cache positions per slot: prompt + generated tokens
     max_queue: int = 64         # requests waiting for a slot; one more gets QueueFullError (429)
     prefill_chunk: int = 256    # prompt tokens per prefill call (a power of two >= 16)
-    decode_steps: int = 8       # tokens per row per decode call (host round trip)
+    decode_steps: int = 64      # most tokens per row per decode call (host round trip)
+    # Each decode call makes as many steps as fit in about this many milliseconds, from the step
+    # time measured on the previous calls (1..decode_steps): tokens stream about this often, and
+    # what the host pays per call (dispatch, copies, hand-out: 1-2 ms on a CPU) stays a small part.
+    decode_call_ms: float = 40.0
     max_stop_ids: int = 8       # stop ids per request
     # Decode runs over a power-of-two bucket of slots holding every live row, at least this many.
     # 1 (the default) lets a lone request use XLA:CPU's one-row product, as generate_ids does on
@@ -68,6 +71,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queue" else 1):
                 raise GenerationError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1}, got {value!r}")
+        if (not isinstance(self.decode_call_ms, (int, float)) or isinstance(self.decode_call_ms, bool)
+                or not 0 < self.decode_call_ms < float("inf")):
+            raise GenerationError(f"decode_call_ms must be a positive number, got {self.decode_call_ms!r}")
         if self.prefill_chunk < 16 or self.prefill_chunk & (self.prefill_chunk - 1):
             raise GenerationError(f"prefill_chunk must be a power of two >= 16, got {self.prefill_chunk}")
 
@@ -101,11 +107,17 @@ class _Live:
     last_token: float | None = None
     cancelled: bool = False
     finished: bool = False
+    device_done: bool = False          # the device has finished the row (stop id, max_tokens)
 
-    @functools.cached_property
-    def key(self) -> jax.Array:
-        """The request's PRNG key: row 0 of its seed's stream, as generate_ids' row 0."""
-        return sampler.row_keys(self.seed, 1)[0]
+
+class _Call(NamedTuple):
+    """A decode call in flight."""
+    out: steps.Tokens
+    done: jax.Array              # [rows] the rows' done flags after the call
+    rows: list                   # the request decoding in each row when it was queued (or None)
+    bucket: int                  # row bucket
+    queued: float                # time.monotonic() when queued
+    prefills: int                # prefill calls made before it was queued
 
 
 class Engine:
@@ -121,6 +133,7 @@ class Engine:
         if config.max_length > limit:
             raise GenerationError(f"max_length {config.max_length} exceeds the model's max_position_embeddings {limit}")
         self.model, self.config = model, config
+        self.graph = steps.Graph(model.graphdef)
         self.tokenizer = model.tokenizer
         self.metrics = metrics or Metrics("gemma")
         self.metrics.slots.set(config.max_batch)
@@ -137,6 +150,9 @@ class Engine:
         self.prefill_calls = 0
         self.device = None
         self.buckets = steps.decode_buckets(config.max_batch, config.min_decode_batch)
+        self._step_ms: dict[int, float] = {}    # row bucket -> ms a decode step takes (running average)
+        self._fixed_ms: dict[int, float] = {}   # row bucket -> ms of a decode call that makes no token
+        self._last_done = 0.0                   # when the last decode call's tokens reached the host
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, warmup: bool = True) -> Engine:
@@ -155,11 +171,16 @@ class Engine:
     def _warmup(self) -> None:
         """Compile the decode program of every row bucket and the prefill of the smallest prompt."""
         self._prefill_call([0], [[self.model.config.bos_token_id]], [0], [True], steps.arm(
-            [1], [[]], [0], [sampler.Sampling()], [sampler.row_keys(0, 1)[0]], self.config.max_stop_ids, 1), fresh=True)
-        for rows in self.buckets:
-            self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(1),
-                                            buffer=self.config.decode_steps, rows=rows)
-        jax.block_until_ready(out)
+            [1], [[]], [0], [sampler.Sampling()], [0], self.config.max_stop_ids, 1), fresh=True)
+        for rows in self.buckets:   # compile, then time a call that makes nothing (every slot is free)
+            times = []
+            for _ in range(4):
+                start = time.monotonic()
+                self.device, out, _ = steps.decode(self.graph, self.model.state, self.device, np.int32(1),
+                                                   buffer=self.config.decode_steps, rows=rows)
+                jax.device_get(out)
+                times.append(time.monotonic() - start)
+            self._fixed_ms[rows] = 1e3 * min(times[1:])
 
     def drain(self) -> None:
         """Refuse new requests (UnavailableError); the accepted ones run to completion."""
@@ -240,36 +261,61 @@ class Engine:
     def submit(self, request: Request, on_output: Callable[[Output], None]) -> Handle:
         """Queue a request; raises GenerationError (bad request), UnavailableError (starting,
         draining, failed) or QueueFullError (the queue holds max_queue requests)."""
-        try:
-            self.check(request)
-        except GenerationError:
-            self._reject("invalid")
-            raise
-        handle = Handle(self, request)
-        seed = secrets.randbits(63) if request.seed is None else request.seed
-        live = _Live(request, handle, on_output,
-                     TextStream(self.tokenizer, request.stop_strings) if self.tokenizer is not None else None,
-                     time.monotonic(), frozenset(request.stop_ids), seed)
+        return self.submit_many([(request, on_output)])[0]
+
+    def submit_many(self, requests: Sequence[tuple[Request, Callable[[Output], None]]]) -> list[Handle]:
+        """Queue several (request, on_output) at once, all or none (offline batch inference): the
+        engine loop sees them together, so short prompts share prefill calls as in one static
+        batch. Raises as `submit` (GenerationError naming the request's index when there are
+        several; QueueFullError when the queue cannot hold them all)."""
+        lives = []
+        for i, (request, on_output) in enumerate(requests):
+            try:
+                self.check(request)
+            except GenerationError as e:
+                self._reject("invalid")
+                raise e if len(requests) == 1 else GenerationError(f"request {i}: {e}") from None
+            seed = secrets.randbits(63) if request.seed is None else request.seed
+            lives.append(_Live(request, Handle(self, request), on_output,
+                               TextStream(self.tokenizer, request.stop_strings) if self.tokenizer is not None else None,
+                               time.monotonic(), frozenset(request.stop_ids), seed))
         with self._cv:
             if self.state != READY:
-                reason = {DRAINING: "draining", STARTING: "starting"}.get(self.state, "failed")
-                self._reject(reason)
+                self._reject({DRAINING: "draining", STARTING: "starting"}.get(self.state, "failed"), len(lives))
                 raise UnavailableError(f"the engine is {self.state}" + (f": {self.error}" if self.error else ""))
-            if len(self._queue) >= self.config.max_queue:
-                self._reject("queue_full")
-                raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
-            self._queue.append(live)
+            if len(self._queue) + len(lives) > self.config.max_queue:
+                self._reject("queue_full", len(lives))
+                raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting"
+                                     + (f", {len(lives)} submitted together" if len(lives) > 1 else "")
+                                     + "); retry later")
+            self._queue.extend(lives)
             self.metrics.waiting.set(len(self._queue))
             self._cv.notify_all()
-        return handle
+        return [live.handle for live in lives]
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, count: int = 1) -> None:
         with self.metrics.lock:
-            self.metrics.rejected.inc(value=reason)
+            self.metrics.rejected.inc(count, value=reason)
 
     def generate(self, request: Request, timeout: float | None = None) -> Completion:
         """Submit and wait for the whole result."""
         return Completion.collect(list(self.stream(request, timeout)))
+
+    def generate_many(self, requests: Sequence[Request], timeout: float | None = None) -> list[Completion]:
+        """Submit several requests together (`submit_many`) and wait for all their results."""
+        outputs = [queue.Queue() for _ in requests]
+        handles = self.submit_many([(r, q.put) for r, q in zip(requests, outputs)])
+        results = []
+        try:
+            for q in outputs:
+                got = [q.get(timeout=timeout)]
+                while got[-1].finish_reason is None:
+                    got.append(q.get(timeout=timeout))
+                results.append(Completion.collect(got))
+        finally:
+            for handle in handles:
+                handle.cancel()   # a no-op once finished
+        return results
 
     def stream(self, request: Request, timeout: float | None = None) -> Iterator[Output]:
         """Submit and yield each Output as it arrives (the last has a finish_reason)."""
@@ -313,16 +359,20 @@ class Engine:
                         self._cv.wait(timeout=1.0)
                         continue
                 self._prefill_some()
-                decoding = any(live is not None and live.first_token is not None for live in self._slots)
                 if pending is None:
-                    pending = self._queue_decode() if decoding else None
+                    pending = self._queue_decode() if self._decoding() else None
                     continue
-                out, rows = pending
-                out = jax.device_get(out)   # the call in flight is done
+                call, pending = pending, None
+                out, done = jax.device_get((call.out, call.done))   # the call in flight is done
+                self._measure(call, out.ids)
+                for live, finished in zip(call.rows, done):
+                    if live is not None and finished:
+                        live.device_done = True
                 with self._cv:   # a request that came meanwhile is prefilled before the next call
                     admit = bool(self._queue) and None in self._slots
-                pending = self._queue_decode() if decoding and not admit else None
-                self._hand_out(out, rows)
+                if self._decoding() and not admit:
+                    pending = self._queue_decode()
+                self._hand_out(out, call.rows)
         except BaseException as e:  # a bug or a device failure: fail every request, report unhealthy
             traceback.print_exc()
             with self._cv:
@@ -366,8 +416,7 @@ class Engine:
         included) while other rows decode, up to a chunk per slot while none do. Short prompts
         admitted together share one call; a prompt longer than a chunk runs alone, piece by piece."""
         c = self.config
-        decoding = any(live is not None and live.first_token is not None for live in self._slots)
-        budget = c.prefill_chunk if decoding else c.prefill_chunk * c.max_batch
+        budget = c.prefill_chunk if self._decoding() else c.prefill_chunk * c.max_batch
         spent = 0
         while spent < budget:
             with self._cv:
@@ -421,7 +470,7 @@ class Engine:
         rows = self._rows(len(group))
         arm = steps.arm([live.request.max_tokens for live in group], [sorted(live.stop_ids) for live in group],
                         [live.request.logprobs or 0 for live in group], [live.request.sampling for live in group],
-                        [live.key for live in group], c.max_stop_ids, rows)
+                        [live.seed for live in group], c.max_stop_ids, rows)
         out = self._prefill_call([live.slot for live in group], chunks, [live.prefilled for live in group], finals,
                                  arm, fresh=group[0].prefilled == 0)
         for live, chunk in zip(group, chunks):
@@ -448,25 +497,53 @@ class Engine:
                                               self.model.config.pad_token_id)
         ids = np.full((rows,), self.config.max_batch, np.int32)   # padding rows: out of range, written nowhere
         ids[:pad] = slot_ids
-        self.device, out = steps.prefill(self.model.graphdef, self.model.state, self.device, ids, tokens, positions,
+        self.device, out = steps.prefill(self.graph, self.model.state, self.device, ids, tokens, positions,
                                          np.asarray(finals + [False] * (rows - pad)), arm, fresh=fresh)
         self.prefill_calls += 1
         return out
 
-    def _queue_decode(self):
+    def _decoding(self, live: _Live | None = None) -> bool:
+        """Whether `live` (default: any slot) is a row the device is still decoding."""
+        if live is None:
+            return any(self._decoding(x) for x in self._slots if x is not None)
+        return live.first_token is not None and not live.finished and not live.device_done
+
+    def _queue_decode(self) -> _Call:
         """Queue one decode call (asynchronous: the host hands out the previous call's tokens while
-        this one runs). Returns (its Tokens, the request in each of its rows when it was queued)."""
-        n = self.config.decode_steps
-        live = max(slot for slot, x in enumerate(self._slots) if x is not None and x.first_token is not None) + 1
-        rows = next(b for b in self.buckets if b >= live)
-        self.device, out = steps.decode(self.model.graphdef, self.model.state, self.device, np.int32(n), buffer=n,
-                                        rows=rows)
+        this one runs), over the smallest row bucket holding every decoding row."""
+        live = max(slot for slot, x in enumerate(self._slots) if x is not None and self._decoding(x)) + 1
+        bucket = next(b for b in self.buckets if b >= live)
+        queued = time.monotonic()
+        self.device, out, done = steps.decode(self.graph, self.model.state, self.device,
+                                              np.int32(self._call_steps(bucket)), buffer=self.config.decode_steps,
+                                              rows=bucket)
         self.decode_calls += 1
         with self.metrics.lock:
             self.metrics.decode_calls.inc()
-        return out, [x if x is not None and x.first_token is not None else None for x in self._slots[:rows]]
+        rows = [x if x is not None and self._decoding(x) else None for x in self._slots[:bucket]]
+        return _Call(out, done, rows, bucket, queued, self.prefill_calls)
 
-    def _hand_out(self, out: steps.Tokens, rows: list[_Live | None]) -> None:
+    def _call_steps(self, bucket: int) -> int:
+        """Steps for the next call: about `decode_call_ms` of them, and enough that the call's fixed
+        cost is at most a tenth of it; one while this bucket's step time is not measured yet."""
+        step = self._step_ms.get(bucket)
+        if step is None:
+            return 1
+        n = max(self.config.decode_call_ms, 9 * self._fixed_ms.get(bucket, 0.0)) / step
+        return int(min(max(n, 1), self.config.decode_steps))
+
+    def _measure(self, call: _Call, ids: np.ndarray) -> None:
+        """Update the bucket's step time from a finished call (a call with a prefill behind it on
+        the device is skipped: its wait included the prefill)."""
+        now, made = time.monotonic(), int((ids >= 0).sum(axis=1).max(initial=0))
+        if made and call.prefills == self.prefill_calls:
+            took = 1e3 * (now - max(call.queued, self._last_done)) - self._fixed_ms.get(call.bucket, 0.0)
+            step = max(took / made, 1e-3)
+            old = self._step_ms.get(call.bucket)
+            self._step_ms[call.bucket] = step if old is None else (old + step) / 2
+        self._last_done = now
+
+    def _hand_out(self, out: steps.Tokens, rows: list) -> None:
         """Deliver a finished decode call's tokens (on the host) to the requests that held its rows.
         A request ended by the host since (stop string, cancel) gets nothing more; its row went on,
         masked."""
@@ -485,27 +562,27 @@ class Engine:
     def _deliver(self, live: _Live, ids, lps, top_ids, top_lps, now: float) -> None:
         """Hand a request its new tokens (lock held): text, logprobs, and the end when a stop id, a
         stop string or max_tokens ends it. Tokens after the end (made in the same call) are dropped."""
-        request, text = live.request, ""
-        kept, logprobs, reason, consumed = [], [], None, 0
-        for i, token in enumerate(int(t) for t in ids):
-            consumed += 1
-            live.generated += 1
-            if token in live.stop_ids:
-                reason = FINISH_STOP
-                break
-            kept.append(token)
-            if request.logprobs is not None:
-                n = request.logprobs
-                logprobs.append(TokenLogprob(token, float(lps[i]),
-                                             [(int(a), float(b)) for a, b in zip(top_ids[i, :n], top_lps[i, :n])]))
-            if live.text is not None:
+        request, text, reason = live.request, "", None
+        kept = [int(t) for t in ids[:request.max_tokens - live.generated]]
+        consumed = len(kept)
+        stop = next((i for i, token in enumerate(kept) if token in live.stop_ids), None)
+        if stop is not None:   # the stop id counts as generated, but is not handed out
+            kept, consumed, reason = kept[:stop], stop + 1, FINISH_STOP
+        if live.text is not None and live.text.stop_strings:   # token by token: cut after the one that completes it
+            for i, token in enumerate(kept):
                 text += live.text.add([token])
                 if live.text.stopped:
-                    reason = FINISH_STOP
+                    kept, consumed, reason = kept[:i + 1], i + 1, FINISH_STOP
                     break
-            if live.generated >= request.max_tokens:
-                reason = FINISH_LENGTH
-                break
+        elif live.text is not None:
+            text = live.text.add(kept)
+        live.generated += consumed
+        if reason is None and live.generated >= request.max_tokens:
+            reason = FINISH_LENGTH
+        n = request.logprobs
+        logprobs = None if n is None else [
+            TokenLogprob(token, float(lps[i]), [(int(a), float(b)) for a, b in zip(top_ids[i, :n], top_lps[i, :n])])
+            for i, token in enumerate(kept)]
         with self.metrics.lock:
             m = self.metrics
             m.generation_tokens.inc(consumed)
@@ -517,8 +594,7 @@ class Engine:
                 for _ in range(consumed):
                     m.itl.observe((now - live.last_token) / consumed)
             live.last_token = now
-        out = Output(text, kept, logprobs if request.logprobs is not None else None,
-                     prompt_tokens=len(request.prompt), completion_tokens=live.generated)
+        out = Output(text, kept, logprobs, prompt_tokens=len(request.prompt), completion_tokens=live.generated)
         if reason is not None:
             self._finish(live, reason, output=out)
         else:

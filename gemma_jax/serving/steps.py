@@ -44,11 +44,29 @@ class Slots(NamedTuple):
 
 
 class Arm(NamedTuple):
-    """k requests' settings, as the prefill program writes them into their slots."""
-    max_tokens: jax.Array  # [k] int32
-    stop_ids: jax.Array    # [k, M] int32
-    top_n: jax.Array       # [k] int32
-    rows: sampler.Rows     # [k]
+    """k requests' settings, as the prefill program writes them into their slots (host arrays:
+    the call transfers them all at once)."""
+    max_tokens: np.ndarray  # [k] int32
+    stop_ids: np.ndarray    # [k, M] int32
+    top_n: np.ndarray       # [k] int32
+    sampling: tuple         # sampler.Rows.host: the [k] settings, without keys
+    seeds: np.ndarray       # [k, 2] uint32 sampler.seed_data: each row's key is row 0 of its seed's stream
+
+
+class Graph:
+    """A model's graphdef as the programs' static argument, hashed once: jit hashes its static
+    arguments at every call, and hashing an nnx GraphDef walks the whole graph (0.2-0.8 ms, as long
+    as a decode step of the default model)."""
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef):
+        self.graphdef, self._hash = graphdef, hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Graph) and (other.graphdef is self.graphdef or other.graphdef == self.graphdef)
 
 
 class Tokens(NamedTuple):
@@ -87,8 +105,8 @@ def _top(logits: jax.Array, want) -> tuple[jax.Array, jax.Array]:
     return jax.lax.cond(want, lambda l: sampler.top_logprobs(l, TOP_LOGPROBS), lambda l: zeros, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("slots",))
-def prefill(graphdef, state, slots: Slots, slot_ids, tokens, positions, final, arm: Arm, *, fresh: bool):
+@functools.partial(jax.jit, static_argnames=("graph", "fresh"), donate_argnames=("slots",))
+def prefill(graph: Graph, state, slots: Slots, slot_ids, tokens, positions, final, arm: Arm, *, fresh: bool):
     """Feed k requests' right-padded chunks [k, T] at `positions` into slots `slot_ids` [k] of the
     batched cache (fresh: each chunk is its request's first and attends to itself only). A row
     whose chunk is its request's last (`final` [k]) is armed with its first token and settings;
@@ -97,12 +115,18 @@ def prefill(graphdef, state, slots: Slots, slot_ids, tokens, positions, final, a
 
     Returns (slots, Tokens of [k, N=1]): each row's first token.
     """
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graph.graphdef, state)
     k = tokens.shape[0]
-    row_cache = kv.KVCache(tuple(kv.LayerKV(_rows(l.k, slot_ids), _rows(l.v, slot_ids)) for l in slots.cache.layers),
-                           jnp.zeros((k,), jnp.int32) if fresh else _rows(slots.cache.end, slot_ids))
+    rows = sampler.Rows(*arm.sampling, sampler.first_row_keys(arm.seeds))
+    if fresh:   # nothing of the slots' old contents is read: start from empty rows, as generate_ids does
+        row_cache = kv.KVCache(tuple(kv.LayerKV(jnp.zeros((k, *l.k.shape[1:]), l.k.dtype),
+                                                jnp.zeros((k, *l.v.shape[1:]), l.v.dtype)) for l in slots.cache.layers),
+                               jnp.zeros((k,), jnp.int32))
+    else:
+        row_cache = kv.KVCache(tuple(kv.LayerKV(_rows(l.k, slot_ids), _rows(l.v, slot_ids))
+                                     for l in slots.cache.layers), _rows(slots.cache.end, slot_ids))
     logits, row_cache = sampler.prefill_logits(model, tokens, positions, row_cache, fresh)
-    first, logprob = sampler.sample(logits, arm.rows, jnp.zeros((k,), jnp.int32))
+    first, logprob = sampler.sample(logits, rows, jnp.zeros((k,), jnp.int32))
     top_ids, top_lps = _top(logits, jnp.any(arm.top_n > 0))
     cache = kv.KVCache(tuple(kv.LayerKV(_put(l.k, r.k, slot_ids), _put(l.v, r.v, slot_ids))
                              for l, r in zip(slots.cache.layers, row_cache.layers)),
@@ -116,20 +140,21 @@ def prefill(graphdef, state, slots: Slots, slot_ids, tokens, positions, final, a
                   _put(slots.max_tokens, arm.max_tokens, slot_ids),
                   _put(slots.stop_ids, arm.stop_ids, slot_ids),
                   _put(slots.top_n, arm.top_n, slot_ids),
-                  jax.tree.map(lambda all_rows, some: _put(all_rows, some, slot_ids), slots.rows, arm.rows),
+                  jax.tree.map(lambda all_rows, some: _put(all_rows, some, slot_ids), slots.rows, rows),
                   _put(slots.counts, jax.nn.one_hot(first, vocab, dtype=jnp.int32), slot_ids))
     return slots, Tokens(first[:, None], logprob[:, None], top_ids[:, None], top_lps[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "rows"), donate_argnames=("slots",))
-def decode(graphdef, state, slots: Slots, limit, *, buffer: int, rows: int):
+@functools.partial(jax.jit, static_argnames=("graph", "buffer", "rows"), donate_argnames=("slots",))
+def decode(graph: Graph, state, slots: Slots, limit, *, buffer: int, rows: int):
     """Up to `limit` (<= buffer) tokens for every live row among the first `rows` slots (the
     others must be done); stops early once every row is done.
 
     A row is done after a stop id or its max_tokens-th token; the host learns both from the
     returned Tokens [rows, buffer] (ids after a row is done are -1) and frees the slot.
+    Returns (slots, Tokens, done [rows]: each row's done flag after the call).
     """
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graph.graphdef, state)
     everything = slots
     b = everything.last.shape[0]
     if rows < b:
@@ -157,9 +182,10 @@ def decode(graphdef, state, slots: Slots, limit, *, buffer: int, rows: int):
         return i + 1, s, out
 
     _, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out))
+    done = slots.done
     if rows < b:
         slots = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), everything, slots)
-    return slots, out
+    return slots, out, done
 
 
 def decode_buckets(max_batch: int, smallest: int) -> tuple[int, ...]:
@@ -178,15 +204,15 @@ def release(done, mask):
     return done | mask
 
 
-def arm(max_tokens, stop_ids, top_n, samplings, keys, max_stop_ids: int, rows: int) -> Arm:
-    """The settings of k requests (a list of each: max_tokens, stop ids, top_n, Sampling, PRNG
-    key) as the [rows] arrays `prefill` writes into their slots; rows past k (padding) repeat
+def arm(max_tokens, stop_ids, top_n, samplings, seeds, max_stop_ids: int, rows: int) -> Arm:
+    """The settings of k requests (a list of each: max_tokens, stop ids, top_n, Sampling, integer
+    seed) as the [rows] arrays `prefill` writes into their slots; rows past k (padding) repeat
     the first request's."""
     pad = rows - len(max_tokens)
-    max_tokens, stop_ids, top_n, samplings, keys = (list(x) + [x[0]] * pad
-                                                    for x in (max_tokens, stop_ids, top_n, samplings, keys))
+    max_tokens, stop_ids, top_n, samplings, seeds = (list(x) + [x[0]] * pad
+                                                     for x in (max_tokens, stop_ids, top_n, samplings, seeds))
     stops = np.full((rows, max_stop_ids), -1, np.int32)
     for i, ids in enumerate(stop_ids):
         stops[i, :len(ids)] = ids
-    return Arm(jnp.asarray(max_tokens, jnp.int32), jnp.asarray(stops), jnp.asarray(top_n, jnp.int32),
-               sampler.Rows.build(samplings, jnp.stack(keys)))
+    return Arm(np.asarray(max_tokens, np.int32), stops, np.asarray(top_n, np.int32), sampler.Rows.host(samplings),
+               np.stack([sampler.seed_data(s) for s in seeds]))
