@@ -371,7 +371,7 @@ class Engine:
                 with self._cv:   # a request that came meanwhile is prefilled before the next call
                     admit = bool(self._queue) and None in self._slots
                 if self._decoding() and not admit:
-                    pending = self._queue_decode()
+                    pending = self._queue_decode((out.ids >= 0).sum(axis=1))
                 self._hand_out(out, call.rows)
         except BaseException as e:  # a bug or a device failure: fail every request, report unhealthy
             traceback.print_exc()
@@ -508,28 +508,35 @@ class Engine:
             return any(self._decoding(x) for x in self._slots if x is not None)
         return live.first_token is not None and not live.finished and not live.device_done
 
-    def _queue_decode(self) -> _Call:
+    def _queue_decode(self, fetched: np.ndarray | None = None) -> _Call:
         """Queue one decode call (asynchronous: the host hands out the previous call's tokens while
-        this one runs), over the smallest row bucket holding every decoding row."""
+        this one runs), over the smallest row bucket holding every decoding row. `fetched`: the
+        tokens per row of the call just fetched and not handed out yet."""
         live = max(slot for slot, x in enumerate(self._slots) if x is not None and self._decoding(x)) + 1
         bucket = next(b for b in self.buckets if b >= live)
+        fetched = np.zeros(bucket, int) if fetched is None else fetched
+        rest = max(x.request.max_tokens - x.generated - (int(fetched[slot]) if slot < len(fetched) else 0)
+                   for slot, x in enumerate(self._slots[:bucket]) if x is not None and self._decoding(x))
         queued = time.monotonic()
         self.device, out, done = steps.decode(self.graph, self.model.state, self.device,
-                                              np.int32(self._call_steps(bucket)), buffer=self.config.decode_steps,
-                                              rows=bucket)
+                                              np.int32(self._call_steps(bucket, rest)),
+                                              buffer=self.config.decode_steps, rows=bucket)
         self.decode_calls += 1
         with self.metrics.lock:
             self.metrics.decode_calls.inc()
         rows = [x if x is not None and self._decoding(x) else None for x in self._slots[:bucket]]
         return _Call(out, done, rows, bucket, queued, self.prefill_calls)
 
-    def _call_steps(self, bucket: int) -> int:
+    def _call_steps(self, bucket: int, rest: int) -> int:
         """Steps for the next call: about `decode_call_ms` of them, and enough that the call's fixed
-        cost is at most a tenth of it; one while this bucket's step time is not measured yet."""
+        cost is at most a tenth of it; all `rest` (the most tokens a row still needs) when that is
+        at most a quarter more, rather than a short call after (its fixed cost and a round trip).
+        One while this bucket's step time is not measured yet."""
         step = self._step_ms.get(bucket)
         if step is None:
             return 1
         n = max(self.config.decode_call_ms, 9 * self._fixed_ms.get(bucket, 0.0)) / step
+        n = rest if rest <= 1.25 * n else n
         return int(min(max(n, 1), self.config.decode_steps))
 
     def _measure(self, call: _Call, ids: np.ndarray) -> None:
