@@ -242,7 +242,9 @@ def _add_serving(sub) -> None:
     p.add_argument("--decode-call-ms", type=float, default=40.0, help="target length of a decode call: each makes "
                    "as many steps as fit, from the measured step time (how often tokens stream)")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds SIGTERM waits for running requests")
-    p.add_argument("--no-warmup", action="store_true", help="compile on the first request instead of at start")
+    p.add_argument("--warmup", choices=["all", "decode", "none"], default="all",   # engine.WARMUPS
+                   help="what to compile before serving: every program (steady latency from the first request), "
+                        "the decode programs only, or nothing (default: all)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info shows each request)")
 
@@ -271,7 +273,7 @@ def _serve(args) -> None:
         raise GenerationError(f"--port must be in [0, 65535], got {args.port}")
     options = ServeOptions(args.host, args.port, args.model_name or source.describe(), args.drain_timeout,
                            args.log_level)
-    launch.run(source, config, options, warmup=not args.no_warmup)
+    launch.run(source, config, options, warmup=args.warmup)
 
 
 def _range(text: str, flag: str) -> tuple[int, int]:

@@ -129,7 +129,7 @@ def test_decode_calls_last_about_decode_call_ms(model, prompts, reference):
     one step that measures it); no call is queued once the device has finished every row."""
     calls = {}
     for ms in (1e-3, 1e6):
-        engine = Engine(model, dataclasses.replace(CONFIG, decode_steps=16, decode_call_ms=ms)).start(warmup=False)
+        engine = Engine(model, dataclasses.replace(CONFIG, decode_steps=16, decode_call_ms=ms)).start(warmup="none")
         try:
             before = engine.decode_calls
             c = engine.generate(Request(prompts[0], 34), timeout=300)
@@ -268,7 +268,7 @@ def test_cancel_frees_the_slot_at_the_next_boundary(engine, prompts):
 
 
 def test_queue_bound_and_drain(model, prompts):
-    engine = Engine(model, dataclasses.replace(CONFIG, max_queue=2)).start(warmup=False)   # compiled already
+    engine = Engine(model, dataclasses.replace(CONFIG, max_queue=2)).start(warmup="none")   # compiled already
     try:
         results = [queue.Queue() for _ in range(CONFIG.max_batch + 2)]
         for q in results[:CONFIG.max_batch]:   # one at a time, each admitted before the next (queue of 2)
@@ -295,7 +295,7 @@ def test_queue_bound_and_drain(model, prompts):
 
 
 def test_a_failing_loop_fails_its_requests_and_reports_unhealthy(model, prompts, monkeypatch):
-    engine = Engine(model, CONFIG).start(warmup=False)
+    engine = Engine(model, CONFIG).start(warmup="none")
     assert engine.health() == (True, "ready")
 
     def broken(*args, **kwargs):
@@ -333,6 +333,31 @@ def test_compiled_programs_are_bounded_by_the_shapes(model, report):
     assert 0 < again[1] <= len(engine.buckets) == 3 and 0 < again[0] <= 2 * 3 + 2
 
 
+def test_warmup_all_compiles_every_program_before_serving(model, report):
+    """warmup='all' compiles every prefill program the engine can run (each prompt bucket, fresh
+    for each request bucket, continued for one) and every decode program: requests of every kind
+    afterwards, alone and together, compile nothing."""
+    config = EngineConfig(max_batch=3, max_length=80, prefill_chunk=32, decode_steps=2)   # shapes no other test has
+    before = steps.prefill._cache_size(), steps.decode._cache_size()
+    engine = Engine(model, config).start(warmup="all")
+    warmed = steps.prefill._cache_size() - before[0], steps.decode._cache_size() - before[1]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 4096, n).tolist() for n in (2, 9, 16, 17, 31, 32, 40, 63)]   # buckets 16, 32; chunked
+    try:
+        run_all(engine, [Request(p, 6) for p in prompts], together=True)
+        run_all(engine, [Request(p, 6, Sampling(temperature=0.9, top_p=0.5), seed=2) for p in prompts])
+        for p in prompts[:4]:
+            engine.generate(Request(p, 3), timeout=60)
+        after = steps.prefill._cache_size() - before[0], steps.decode._cache_size() - before[1]
+    finally:
+        engine.stop()
+    report("programs compiled by warmup='all' (prefill, decode), 3 slots, prefill chunk 32", f"{warmed}")
+    # prefill: (16 | 32) x (1 | 2 | 4 requests, 4 capped at 3 slots) fresh + (16 | 32) continued; decode: 1, 2, 3 rows
+    assert warmed == (2 * 3 + 2, 3) and after == warmed
+    with pytest.raises(GenerationError, match="^warmup must be one of all, decode, none, got 'some'$"):
+        Engine(model, config).start(warmup="some")
+
+
 # ------------------------------------------------------------------------------ UTF-8 streaming
 @pytest.fixture(scope="module")
 def real_vocab_model(tmp_path_factory):
@@ -346,7 +371,7 @@ def test_streamed_text_is_utf8_safe_with_the_real_vocabulary(real_vocab_model):
     decoded tokens."""
     tok = real_vocab_model.tokenizer
     engine = Engine(real_vocab_model, EngineConfig(max_batch=2, max_length=256, prefill_chunk=32,
-                                                   decode_steps=4)).start(warmup=False)
+                                                   decode_steps=4)).start(warmup="none")
     try:
         outputs = []
         for seed in range(3):

@@ -47,6 +47,9 @@ from gemma_jax.serving.types import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, 
 STARTING, READY, DRAINING, STOPPED, FAILED = "starting", "ready", "draining", "stopped", "failed"
 
 
+WARMUPS = ("all", "decode", "none")   # Engine.start: what to compile before serving
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 8          # decode slots
@@ -55,8 +58,9 @@ class EngineConfig:
     prefill_chunk: int = 256    # prompt tokens per prefill call (a power of two >= 16)
     decode_steps: int = 64      # most tokens per row per decode call (host round trip)
     # Each decode call makes as many steps as fit in about this many milliseconds, from the step
-    # time measured on the previous calls (1..decode_steps): tokens stream about this often, and
-    # what the host pays per call (dispatch, copies, hand-out: 1-2 ms on a CPU) stays a small part.
+    # time measured on the previous calls (1..decode_steps; all the rows still need when that is
+    # at most a quarter more): tokens stream about this often, a request arriving meanwhile waits
+    # up to this long, and what the host pays per call (dispatch, fetch: ~1 ms on a CPU) stays small.
     decode_call_ms: float = 40.0
     max_stop_ids: int = 8       # stop ids per request
     # Decode runs over a power-of-two bucket of slots holding every live row, at least this many.
@@ -155,24 +159,37 @@ class Engine:
         self._last_done = 0.0                   # when the last decode call's tokens reached the host
 
     # ------------------------------------------------------------------------------ lifecycle
-    def start(self, warmup: bool = True) -> Engine:
-        """Allocate the decode state, compile the decode program (and the prefill of the smallest
-        bucket) when warmup, and start the engine loop. The engine is then ready."""
+    def start(self, warmup: str = "decode") -> Engine:
+        """Allocate the decode state, compile ahead (`warmup`, one of WARMUPS) and start the engine
+        loop. The engine is then ready."""
+        if warmup not in WARMUPS:
+            raise GenerationError(f"warmup must be one of {', '.join(WARMUPS)}, got {warmup!r}")
         c = self.config
         self.device = steps.init_slots(self.model.config, c.max_batch, c.max_length, self.model.dtype, c.max_stop_ids)
-        if warmup:
-            self._warmup()
+        if warmup != "none":
+            self._warmup(everything=warmup == "all")
         self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
         with self._cv:
             self.state = READY
         self._thread.start()
         return self
 
-    def _warmup(self) -> None:
-        """Compile the decode program of every row bucket and the prefill of the smallest prompt."""
-        self._prefill_call([0], [[self.model.config.bos_token_id]], [0], [True], steps.arm(
-            [1], [[]], [0], [sampler.Sampling()], [0], self.config.max_stop_ids, 1), fresh=True)
-        for rows in self.buckets:   # compile, then time a call that makes nothing (every slot is free)
+    def _warmup(self, everything: bool) -> None:
+        """Compile the decode program of every row bucket (and time its fixed cost), the release
+        program, and the prefill of the smallest prompt bucket, or with `everything` every prefill
+        program the engine can run: each prompt bucket up to prefill_chunk, fresh for each request
+        bucket, continued (a long prompt's later pieces) for one request."""
+        c, bos = self.config, self.model.config.bos_token_id
+        shapes = [(1, 16, True)]
+        if everything:
+            lengths = [16 << i for i in range(c.prefill_chunk.bit_length() - 4)]
+            requests = sorted({self._rows(k) for k in range(1, c.max_batch + 1)})
+            shapes = [(k, t, True) for t in lengths for k in requests] + [(1, t, False) for t in lengths]
+        for k, length, fresh in shapes:   # max_tokens 1: every row is done after it
+            arm = steps.arm([1] * k, [[]] * k, [0] * k, [sampler.Sampling()] * k, [0] * k, c.max_stop_ids, k)
+            self._prefill_call(list(range(k)), [[bos] * length] * k, [0] * k, [True] * k, arm, fresh=fresh)
+        self.device = self.device._replace(done=steps.release(self.device.done, np.zeros(c.max_batch, bool)))
+        for rows in self.buckets:   # compile, then time a call that makes nothing (every slot is done)
             times = []
             for _ in range(4):
                 start = time.monotonic()
@@ -181,6 +198,7 @@ class Engine:
                 jax.device_get(out)
                 times.append(time.monotonic() - start)
             self._fixed_ms[rows] = 1e3 * min(times[1:])
+        self.prefill_calls = 0
 
     def drain(self) -> None:
         """Refuse new requests (UnavailableError); the accepted ones run to completion."""

@@ -68,7 +68,7 @@ def model_info(model, name: str, max_length: int) -> ModelInfo:
                      model.config.vocab_size)
 
 
-def run(source: ModelSource, config: EngineConfig, options: ServeOptions, warmup: bool = True) -> None:
+def run(source: ModelSource, config: EngineConfig, options: ServeOptions, warmup: str = "all") -> None:
     """Serve `source` until SIGTERM (see server.serve)."""
     source.check()
     metrics = Metrics(options.name)
