@@ -119,29 +119,63 @@ def penalize(logits: jax.Array, rows: Rows, counts: jax.Array) -> jax.Array:
             - rows.presence_penalty[:, None] * (counts > 0).astype(logits.dtype))
 
 
-def filter_rows(logits: jax.Array, rows: Rows) -> jax.Array:
+TOP_CANDIDATES = 1024  # filter_rows: the best tokens top-k and top-p look at before sorting the whole row
+
+
+def filter_rows(logits: jax.Array, rows: Rows, candidates: int = TOP_CANDIDATES) -> jax.Array:
     """[B, V] float32 logits with each row's temperature, top-k and top-p applied (removed -> -inf).
 
-    One descending sort serves both cuts (skipped when no row asks for either): top-k keeps the
-    values >= the k-th largest, top-p the smallest set of the best remaining tokens whose
-    probability reaches p.
+    Top-k keeps the values >= the k-th largest; top-p the smallest set of the best remaining tokens
+    whose probability (renormalized over the top-k) reaches p. Both cuts come from the row's best
+    `candidates` tokens (lax.top_k) when they hold it (`cuts_from_best`); only a row whose cut lies
+    further needs its whole row sorted, and the sort runs only when some row does (on XLA:CPU,
+    sorting [8, 256000] takes ~0.5 s, its top 1024 ~10 ms). A row's cut is computed the same way
+    whichever path the batch takes, so it never depends on the other rows. Nothing is computed
+    when no row asks for either cut.
     """
     v = logits.shape[-1]
     z = logits / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
     top_k = jnp.where((rows.top_k > 0) & (rows.top_k < v), rows.top_k, v)
 
     def truncate(z):
-        ordered = jnp.sort(z, axis=-1)[:, ::-1]
-        kth = jnp.take_along_axis(ordered, top_k[:, None] - 1, axis=-1)
-        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs          # mass of strictly better tokens
-        cut = jnp.min(jnp.where(before < rows.top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
-        cut = jnp.where(rows.top_p[:, None] < 1, cut, -jnp.inf)
-        return jnp.where(z < jnp.maximum(kth, cut), -jnp.inf, z)
+        threshold, holds = cuts_from_best(z, top_k, rows.top_p, candidates)
+
+        def whole(_):
+            ordered = jnp.sort(z, axis=-1)[:, ::-1]
+            kth = jnp.take_along_axis(ordered, top_k[:, None] - 1, axis=-1)
+            return jnp.where(holds, threshold, jnp.maximum(kth, _nucleus(z, ordered, kth, rows.top_p)[0]))
+
+        threshold = jax.lax.cond(jnp.all(holds), lambda _: threshold, whole, None)
+        return jnp.where(z < threshold, -jnp.inf, z)
 
     needed = jnp.any(top_k < v) | jnp.any(rows.top_p < 1)
     return jax.lax.cond(needed, truncate, lambda z: z, z)
+
+
+def cuts_from_best(z: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int):
+    """Each row's threshold [B, 1] (values below it are removed) from its best `candidates` values,
+    and whether those hold it [B, 1]: top_k [B] (V = none) at most `candidates`, and top_p [B]
+    reached among them."""
+    v = z.shape[-1]
+    best, _ = jax.lax.top_k(z, min(candidates, v))
+    near = (top_k <= best.shape[-1]) | (top_k >= v)
+    kth = jnp.where(top_k < v, jnp.take_along_axis(best, jnp.minimum(top_k, best.shape[-1])[:, None] - 1, axis=-1)[:, 0],
+                    -jnp.inf)[:, None]
+    threshold, holds = _nucleus(z, best, kth, top_p)
+    return jnp.maximum(kth, threshold), holds & near[:, None]
+
+
+def _nucleus(z, ordered, kth, top_p):
+    """The top-p threshold [B, 1] of rows z [B, V] from their best values in descending order
+    `ordered` [B, n] (a prefix of the sorted row), and whether that prefix holds it. The softmax is
+    over each whole row's tokens >= kth [B, 1] (its top-k)."""
+    p = top_p[:, None]
+    lse = jax.nn.logsumexp(jnp.where(z >= kth, z, -jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.exp(jnp.where(ordered >= kth, ordered, -jnp.inf) - lse)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    before = cumulative - probs                         # mass of strictly better tokens
+    threshold = jnp.min(jnp.where(before < p, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(p < 1, threshold, -jnp.inf), (p >= 1) | (cumulative[:, -1:] >= p)
 
 
 def sample(logits: jax.Array, rows: Rows, steps: jax.Array, counts: jax.Array | None = None):

@@ -466,3 +466,41 @@ def test_refusals(tiny, case):
     kw = {"prompts": [[5, 6, 7]], "max_new_tokens": 4, **kw}
     with pytest.raises(GenerationError, match=word):
         ours.generate_ids(**kw)
+
+
+def test_top_k_top_p_from_the_best_candidates_equal_the_whole_sort():
+    """filter_rows cuts from each row's best `candidates` tokens when they hold the cut and sorts the
+    whole row otherwise: every row keeps the same tokens as the whole sort and the NumPy reference,
+    and the same alone as next to rows that need the other path."""
+    rng = np.random.default_rng(0)
+    v, candidates = 512, 16
+    peaked = rng.normal(size=(6, v)) + np.where(np.arange(v) < 8, 12.0, 0.0)   # mass in a few tokens
+    flat = rng.normal(size=(6, v))                                                # mass spread over many
+    logits = np.concatenate([peaked, flat]).astype(np.float32)
+    settings = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=5), dict(temperature=1.0, top_k=300),
+                dict(temperature=1.0, top_k=12, top_p=0.5), dict(temperature=2.0, top_p=0.99), dict(temperature=0.8)]
+    samplings = [sampler.Sampling(**kw) for kw in settings * 2]
+    kwargs = settings * 2
+
+    def kept(rows_logits, rows_samplings, n):
+        rows = sampler.Rows.build(rows_samplings, sampler.row_keys(0, len(rows_samplings)))
+        return np.isfinite(np.asarray(sampler.filter_rows(jnp.asarray(rows_logits), rows, candidates=n)))
+
+    together = kept(logits, samplings, candidates)
+    whole = kept(logits, samplings, v)
+    for i, kw in enumerate(kwargs):
+        alone = kept(logits[i:i + 1], samplings[i:i + 1], candidates)[0]
+        reference = expected_distribution(logits[i], kw["temperature"], kw.get("top_k"), kw.get("top_p")) > 0
+        np.testing.assert_array_equal(alone, reference, err_msg=f"row {i}: {kw}")
+        np.testing.assert_array_equal(together[i], alone, err_msg=f"row {i}: {kw}")
+        np.testing.assert_array_equal(whole[i], alone, err_msg=f"row {i}: {kw}")
+    # the best 16 hold a row's cut exactly when it keeps at most 16 tokens (or has no cut)
+    rows = sampler.Rows.build(samplings, sampler.row_keys(0, len(samplings)))
+    z = jnp.asarray(logits) / rows.temperature[:, None]
+    top_k = jnp.where(rows.top_k > 0, rows.top_k, v)
+    _, holds = sampler.cuts_from_best(z, top_k, rows.top_p, candidates)
+    sizes = together.sum(axis=1)
+    assert list(np.asarray(holds[:, 0])) == [s <= candidates or kw == dict(temperature=0.8) or
+                                             ("top_p" not in kw and kw["top_k"] <= candidates)
+                                             for s, kw in zip(sizes, kwargs)]
+    assert 0 < np.asarray(holds).sum() < len(kwargs)   # both paths in one batch
