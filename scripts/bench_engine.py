@@ -2,15 +2,16 @@
 
 - aggregate output tokens/s for C concurrent requests through the engine, against the same C
   prompts as one static `generate_ids` batch and one after another (C = 1, 2, 4, 8 by default);
-- time to first token of a new request while 7 others decode, against the same request alone.
+- time to first token of a new request arriving at a random moment while 7 others decode (it
+  waits for the decode call in flight), against the same request alone: p50 and max.
 
 Greedy, every request the same prompt length and exactly --gen-len new tokens (no stop ids). The
 three run interleaved in each of --repeats warm rounds: each tokens/s figure is the best round, each
 ratio the median over the rounds of the ratio within a round (robust to the machine's slow spells,
 which can last a whole round). Run it alone on the machine.
 
-    python scripts/bench_engine.py                                  # the built-in default model
-    python scripts/bench_engine.py --preset 2b --prompt-len 16 --gen-len 8 --repeats 2 --json docs/serving_engine_2b.json
+    python scripts/bench_engine.py --repeats 15                     # the built-in default model
+    python scripts/bench_engine.py --preset 2b --prompt-len 16 --gen-len 8 --repeats 3 --json docs/serving_engine_2b.json
 """
 
 from __future__ import annotations
