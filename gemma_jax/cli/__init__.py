@@ -3,6 +3,7 @@
 Every command parser comes from `sub.add_parser(...)` (see `_Commands`), which gives it the global
 flags (accepted before or after the command), one-line usage errors, and help that shows each
 option's default. Library messages name arguments by their flags here (`checks.spelled`).
+The serving commands live in `cli/serving.py`, the evaluation ones in `cli/evaluation.py`.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_path, metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--plot", type=_path, metavar="PNG", help="draw decode tokens/s against batch size to this PNG")
 
-    _add_serving(sub)
+    serving.add_parsers(sub)
 
     p = sub.add_parser("parity", help="compare per-layer activations and logits with HF transformers")
     p.add_argument("--hf", type=_path, required=True, metavar="DIR", help="a Hugging Face Gemma 2 directory")
@@ -188,123 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=256, metavar="MIB", help="largest shard in MiB")
     p.add_argument("--max-rows", type=int, metavar="N", help="stop after this many rows")
 
-    _add_evaluation(sub)
+    evaluation.add_parsers(sub)
     parser.description = f"Gemma 2 in JAX. Commands: {', '.join(sub.choices)}."   # every command, as added
     return parser
-
-
-def _add_evaluation(sub) -> None:
-    """`score` and `eval` (docs/evaluation.md)."""
-    p = sub.add_parser("score", help="perplexity and bits per byte of text files (rolling windows), as JSON")
-    p.add_argument("files", nargs="+", type=_path, metavar="FILE", help="UTF-8 text files")
-    p.add_argument("--ckpt", type=_path, metavar="DIR",
-                   help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
-    p.add_argument("--window", type=int, help="tokens fed per forward (default: max_position_embeddings)")
-    p.add_argument("--stride", type=int, help="tokens scored per window after the first (default: window // 2)")
-    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward")
-    p.add_argument("--output", type=_path, help="also write the JSON to this file")
-
-    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on the model (needs the eval extra)")
-    p.add_argument("--ckpt", type=_path, metavar="DIR",
-                   help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
-    p.add_argument("--tasks", required=True, help="task names, comma-separated")
-    p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--include-path", type=_path, help="a directory of local task YAML files")
-    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward")
-    p.add_argument("--output", type=_path, help="write lm-eval's results as JSON to this file")
-    p.add_argument("--sae", type=_path, help="a Gemma Scope params.npz spliced in at --sae-site (steered evaluation)")
-    p.add_argument("--sae-site", help="the hook site of --sae, e.g. blocks.12.hook_resid_post")
-    p.add_argument("--sae-steer", action="append", default=[], metavar="FEATURE=SCALE",
-                   help="add SCALE to an SAE feature's activation (repeatable)")
-    p.add_argument("--sae-reconstruct", action="store_true",
-                   help="run on the SAE's reconstruction (no error term): the SAE's downstream cost")
-
-
-def _add_serving(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (see docs/serving.md)")
-    p.add_argument("--ckpt", type=_path, metavar="DIR",
-                   help="a directory made by 'gemma-jax convert' (default: the built-in tiny model)")
-    p.add_argument("--preset", choices=["2b", "9b", "27b", "tiny"], help="serve random weights of this shape "
-                   "(benchmarks; needs --tokenizer)")
-    p.add_argument("--tokenizer", type=_path, metavar="FILE", help="a tokenizer.model (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the 'serving' line says which)")
-    p.add_argument("--model-name", help="the model id clients send and see (default: from --ckpt/--preset)")
-    p.add_argument("--max-batch", type=int, default=8, help="decode slots")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
-    p.add_argument("--max-length", type=int, default=1024, help="prompt + generated tokens per request")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
-    p.add_argument("--decode-steps", type=int, default=64, help="most tokens per decode call (host round trip)")
-    p.add_argument("--decode-call-ms", type=float, default=40.0, help="target length of a decode call: each makes "
-                   "as many steps as fit, from the measured step time (how often tokens stream)")
-    p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds SIGTERM waits for running requests")
-    p.add_argument("--warmup", choices=["all", "decode", "none"], default="all",   # engine.WARMUPS
-                   help="what to compile before serving: every program (steady latency from the first request), "
-                        "the decode programs only, or nothing (default: all)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (info shows each request)")
-
-    p = sub.add_parser("bench-serve", help="load-test a running server: throughput and latency (JSON, plot)")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--rate", type=float, default=float("inf"), help="requests per second, Poisson (default: all at once)")
-    p.add_argument("--concurrency", default="8", help="requests in flight; comma-separated for a sweep, e.g. 1,2,4,8")
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency")
-    p.add_argument("--prompt-len", default="16:128", help="prompt tokens, uniform in LO:HI (default 16:128)")
-    p.add_argument("--max-tokens", default="16:64", help="output tokens, uniform in LO:HI (default 16:64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--json", type=_path, help="write the figures to this JSON file")
-    p.add_argument("--plot", type=_path, help="draw throughput and p99 latency against concurrency to this PNG")
-
-
-def _serve(args) -> None:
-    from gemma_jax.serving import launch
-    from gemma_jax.serving.engine import EngineConfig
-    from gemma_jax.serving.server import ServeOptions
-    source = launch.ModelSource(args.ckpt and str(args.ckpt), args.preset, args.tokenizer and str(args.tokenizer),
-                                args.dtype)
-    config = EngineConfig(args.max_batch, args.max_length, args.max_queue, args.prefill_chunk, args.decode_steps,
-                          decode_call_ms=args.decode_call_ms)
-    if not 0 <= args.port < 65536:
-        raise GenerationError(f"--port must be in [0, 65535], got {args.port}")
-    options = ServeOptions(args.host, args.port, args.model_name or source.describe(), args.drain_timeout,
-                           args.log_level)
-    launch.run(source, config, options, warmup=args.warmup)
-
-
-def _range(text: str, flag: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(":")) if ":" in text else (int(text),) * 2
-    except ValueError:
-        raise GenerationError(f"{flag} takes LO:HI or N (integers), got {text!r}") from None
-    if not 1 <= lo <= hi:
-        raise GenerationError(f"{flag} needs 1 <= LO <= HI, got {text!r}")
-    return lo, hi
-
-
-def _bench_serve(args) -> None:
-    from gemma_jax.serving import bench as load
-    try:
-        concurrencies = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        raise GenerationError("--concurrency takes comma-separated integers, e.g. 1,2,4,8") from None
-    if min(concurrencies) < 1 or args.requests < 1 or not args.rate > 0:
-        raise GenerationError("--concurrency and --requests must be >= 1 and --rate > 0")
-    spec = load.LoadSpec(args.url.rstrip("/"), args.requests, args.rate, concurrencies[0],
-                         _range(args.prompt_len, "--prompt-len"), _range(args.max_tokens, "--max-tokens"), args.seed,
-                         args.timeout)
-    results = load.sweep(spec, concurrencies)
-    for result in results:
-        print(load.format_report(result))
-    if args.json:
-        import json
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    if args.plot:
-        load.plot(results, str(args.plot), title=args.url)
 
 
 def _setup_jax(args) -> None:
@@ -547,30 +434,12 @@ def _capture(args) -> None:
           f"in {len(manifest['shards'])} shard(s) to {args.out}", file=sys.stderr)
 
 
-def _score_files(args) -> None:
-    import json
 
-    from gemma_jax.evaluation import Batching, perplexity
-    batching = Batching(max_tokens=args.batch_tokens)
-    figures = perplexity.score_files(_load(args), args.files, args.window, args.stride, batching,
-                                     progress=sys.stderr.isatty())
-    text = json.dumps({"ckpt": str(args.ckpt) if args.ckpt else "default", **figures}, indent=1)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+from gemma_jax.cli import evaluation, serving  # noqa: E402  (they use the helpers above)
 
-
-def _eval(args) -> None:
-    from gemma_jax.evaluation import load_harness
-    harness = load_harness()
-    print(harness.run_eval(_load(args), args.tasks, args.limit, args.num_fewshot, args.include_path,
-                           args.batch_tokens, args.sae, args.sae_site, tuple(args.sae_steer),
-                           args.sae_reconstruct, args.output))
-
-
-COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "serve": _serve,
-            "bench-serve": _bench_serve, "parity": _parity, "capture": _capture, "score": _score_files,
-            "eval": _eval}
+COMMANDS = {"convert": _convert, "generate": _generate, "chat": _chat, "bench": _bench, "serve": serving.serve,
+            "bench-serve": serving.bench_serve, "parity": _parity, "capture": _capture, "score": evaluation.score,
+            "eval": evaluation.run_eval}
 
 
 def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
