@@ -52,11 +52,11 @@ def integer(arg: str, value, minimum: int | None = None, maximum: int | None = N
     return int(value)
 
 
-def number(arg: str, value, minimum: float = 0.0) -> float:
-    """A finite real number >= minimum (NumPy scalars accepted, bools refused)."""
+def number(arg: str, value, minimum: float = 0.0, strict: bool = False) -> float:
+    """A finite real number >= minimum (> minimum when strict; NumPy scalars accepted, bools refused)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) \
-            or value < minimum:
-        bound = f" >= {minimum:g}" if math.isfinite(minimum) else ""
+            or value < minimum or (strict and value == minimum):
+        bound = f" {'>' if strict else '>='} {minimum:g}" if math.isfinite(minimum) else ""
         raise GenerationError(f"{name(arg)} must be a finite number{bound}, got {value!r}")
     return float(value)
 

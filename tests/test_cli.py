@@ -166,6 +166,22 @@ def test_generate_bad_sampling_refused_before_loading(capsys, dirs, monkeypatch,
     refused(capsys, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", *args, words=words)
 
 
+@pytest.mark.parametrize("args,words", [
+    (("--max-batch", "0"), ("--max-batch must be an integer >= 1, got 0",)),
+    (("--max-queue", "-1"), ("--max-queue must be an integer >= 0, got -1",)),
+    (("--min-decode-batch", "0"), ("--min-decode-batch must be an integer >= 1, got 0",)),
+    (("--decode-call-ms", "0"), ("--decode-call-ms must be a finite number > 0, got 0.0",)),
+    (("--decode-call-ms", "nan"), ("--decode-call-ms must be a finite number > 0, got nan",)),
+    (("--prefill-chunk", "48"), ("--prefill-chunk must be a power of two >= 16, got 48",)),
+    (("--port", "70000"), ("--port must be in [0, 65535], got 70000",)),
+])
+def test_serve_bad_settings_refused_before_loading(capsys, monkeypatch, args, words):
+    def no_load(*a, **k):
+        raise AssertionError("loaded the model before checking the arguments")
+    monkeypatch.setattr(gemma_jax.api, "load", no_load)
+    refused(capsys, "serve", *args, words=words)
+
+
 def test_generate_without_tokenizer(capsys, dirs):
     refused(capsys, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", words=("no tokenizer.model",))
 

@@ -25,6 +25,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--decode-steps", type=int, default=64, help="most tokens per decode call (host round trip)")
     p.add_argument("--decode-call-ms", type=float, default=40.0, help="target length of a decode call: each makes "
                    "as many steps as fit, from the measured step time (how often tokens stream)")
+    p.add_argument("--min-decode-batch", type=int, default=1, metavar="N",
+                   help="decode over at least N slots: a call over fewer copies their state out and back "
+                        "(large with big caches: set it to --max-batch for a 2B model at 1024+ positions)")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds SIGTERM waits for running requests")
     p.add_argument("--warmup", choices=["all", "decode", "none"], default="all",   # engine.WARMUPS
                    help="what to compile before serving: every program (steady latency from the first request), "
@@ -52,7 +55,7 @@ def serve(args) -> None:
     source = launch.ModelSource(args.ckpt and str(args.ckpt), args.preset, args.tokenizer and str(args.tokenizer),
                                 args.dtype)
     config = EngineConfig(args.max_batch, args.max_length, args.max_queue, args.prefill_chunk, args.decode_steps,
-                          decode_call_ms=args.decode_call_ms)
+                          decode_call_ms=args.decode_call_ms, min_decode_batch=args.min_decode_batch)
     if not 0 <= args.port < 65536:
         raise GenerationError(f"--port must be in [0, 65535], got {args.port}")
     options = ServeOptions(args.host, args.port, args.model_name or source.describe(), args.drain_timeout,
