@@ -150,36 +150,28 @@ def test_generate_corrupt_params_is_one_line(capsys, tmp_path, dirs):
             words=(f"{tmp_path / 'ckpt' / 'params'}: incomplete or corrupt Orbax checkpoint",))
 
 
-@pytest.mark.parametrize("args,words", [
-    (("--temperature", "-1"), ("--temperature must be a finite number >= 0, got -1.0",)),
-    (("--top-p", "0"), ("--top-p must be in (0, 1], got 0.0",)),
-    (("--top-p", "1.5"), ("--top-p must be in (0, 1], got 1.5",)),
-    (("--top-k", "0"), ("--top-k must be an integer >= 1, got 0",)),
-    (("--max-new-tokens", "-1"), ("--max-new-tokens must be an integer >= 0, got -1",)),
-    (("--seed", "-1"), ("--seed must be an integer in [0, 4294967295], got -1",)),
-    (("--system", "be brief"), ("--system needs --chat",)),
+@pytest.mark.parametrize("command,args,words", [
+    ("generate", ("--temperature", "-1"), ("--temperature must be a finite number >= 0, got -1.0",)),
+    ("generate", ("--top-p", "0"), ("--top-p must be in (0, 1], got 0.0",)),
+    ("generate", ("--top-p", "1.5"), ("--top-p must be in (0, 1], got 1.5",)),
+    ("generate", ("--top-k", "0"), ("--top-k must be an integer >= 1, got 0",)),
+    ("generate", ("--max-new-tokens", "-1"), ("--max-new-tokens must be an integer >= 0, got -1",)),
+    ("generate", ("--seed", "-1"), ("--seed must be an integer in [0, 4294967295], got -1",)),
+    ("generate", ("--system", "be brief"), ("--system needs --chat",)),
+    ("serve", ("--max-batch", "0"), ("--max-batch must be an integer >= 1, got 0",)),
+    ("serve", ("--max-queue", "-1"), ("--max-queue must be an integer >= 0, got -1",)),
+    ("serve", ("--min-decode-batch", "0"), ("--min-decode-batch must be an integer >= 1, got 0",)),
+    ("serve", ("--decode-call-ms", "0"), ("--decode-call-ms must be a finite number > 0, got 0.0",)),
+    ("serve", ("--decode-call-ms", "nan"), ("--decode-call-ms must be a finite number > 0, got nan",)),
+    ("serve", ("--prefill-chunk", "48"), ("--prefill-chunk must be a power of two >= 16, got 48",)),
+    ("serve", ("--port", "70000"), ("--port must be in [0, 65535], got 70000",)),
 ])
-def test_generate_bad_sampling_refused_before_loading(capsys, dirs, monkeypatch, args, words):
-    def no_load(*a, **k):
-        raise AssertionError("loaded the checkpoint before checking the arguments")
-    monkeypatch.setattr(gemma_jax.api, "load", no_load)
-    refused(capsys, "generate", "--ckpt", dirs / "ckpt", "--prompt", "hi", *args, words=words)
-
-
-@pytest.mark.parametrize("args,words", [
-    (("--max-batch", "0"), ("--max-batch must be an integer >= 1, got 0",)),
-    (("--max-queue", "-1"), ("--max-queue must be an integer >= 0, got -1",)),
-    (("--min-decode-batch", "0"), ("--min-decode-batch must be an integer >= 1, got 0",)),
-    (("--decode-call-ms", "0"), ("--decode-call-ms must be a finite number > 0, got 0.0",)),
-    (("--decode-call-ms", "nan"), ("--decode-call-ms must be a finite number > 0, got nan",)),
-    (("--prefill-chunk", "48"), ("--prefill-chunk must be a power of two >= 16, got 48",)),
-    (("--port", "70000"), ("--port must be in [0, 65535], got 70000",)),
-])
-def test_serve_bad_settings_refused_before_loading(capsys, monkeypatch, args, words):
+def test_bad_settings_refused_before_loading(capsys, dirs, monkeypatch, command, args, words):
     def no_load(*a, **k):
         raise AssertionError("loaded the model before checking the arguments")
     monkeypatch.setattr(gemma_jax.api, "load", no_load)
-    refused(capsys, "serve", *args, words=words)
+    source = ("--ckpt", dirs / "ckpt", "--prompt", "hi") if command == "generate" else ()
+    refused(capsys, command, *source, *args, words=words)
 
 
 def test_generate_without_tokenizer(capsys, dirs):
