@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma_jax import checks, cpuinfo, errors
+from gemma_jax.bench_report import bytes_text, count_text, duration_text, rate_text
 from gemma_jax.config import PRESETS, GemmaConfig, SLIDING
 
 TINY_PRESET = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -115,18 +116,18 @@ def plan(spec: BenchSpec, vs_hf: bool = False) -> str:
     ours = step + (1 << 28) * np.dtype(DTYPES[spec.dtype]).itemsize + (0 if spec.ckpt else 2 * largest)
     memory = max(ours, step + largest) if vs_hf else ours    # HF runs after us, in its own process
     what = f"checkpoint {spec.ckpt}" if spec.ckpt else f"random weights in the Gemma 2 {spec.preset} shape"
-    lines = [f"bench: {what}: {_count(params)} parameters in {spec.dtype} ({_bytes(weights)}); batch sizes "
+    lines = [f"bench: {what}: {count_text(params)} parameters in {spec.dtype} ({bytes_text(weights)}); batch sizes "
              f"{', '.join(map(str, spec.batch_sizes))} x prompt lengths {', '.join(map(str, spec.prompt_lens))}, "
              f"{spec.gen_len} new tokens, best of {spec.repeats}"
              + ("; then HF transformers on the same weights" if vs_hf else "")]
-    need = f"bench: needs about {_bytes(memory, binary=True)} of memory"
+    need = f"bench: needs about {bytes_text(memory, binary=True)} of memory"
     if jax.default_backend() == "cpu":
         setup = OVERHEAD_S[0] + (0 if spec.ckpt else params / SYNTHETIC_PER_S)
         work = sum(OVERHEAD_S[1] + spec.gen_len * (1 + spec.repeats) * moved / CPU_BANDWIDTH
                    + (2 + 2 * spec.repeats) * 2 * params * b * p / CPU_FLOPS for b, p, moved in runs)
         seconds = setup + work * (20 if spec.dtype == "bfloat16" else 1)      # XLA:CPU emulates bf16
         seconds += (setup + 1.5 * work) if vs_hf else 0                        # HF: about 1.5x our time
-        need += f" and roughly {_duration(seconds)} on a 2-core CPU"
+        need += f" and roughly {duration_text(seconds)} on a 2-core CPU"
     if not spec.ckpt and spec.preset != "tiny":
         need += " (--preset tiny checks the harness in seconds)"
     return "\n".join(lines + [need])
@@ -224,7 +225,7 @@ def jax_worker(spec: BenchSpec) -> dict:
     model = _jax_model(spec)
     out["load_s"] = time.perf_counter() - start
     out["weights"] = _weights_label(model)
-    _progress(f"gemma_jax: model ready in {_duration(out['load_s'])}; probing the memory bandwidth")
+    _progress(f"gemma_jax: model ready in {duration_text(out['load_s'])}; probing the memory bandwidth")
     out["bandwidth_GBps"] = bandwidth_probe(spec.dtype) / 1e9
     rng = np.random.default_rng(spec.seed)
     out["runs"] = []
@@ -271,7 +272,7 @@ def jax_worker(spec: BenchSpec) -> dict:
             "decode_tok_s_per_seq": per_seq, "decode_tok_s_total": per_seq * batch,
             "bytes_per_step": moved, "roofline_tok_s": roofline, "roofline_fraction": per_seq / roofline,
             "tokens": np.asarray(loop.tokens[:, :spec.gen_len]).tolist()})
-        _progress(f"gemma_jax: batch {batch}, prompt {prompt_len}: decode {_rate(per_seq)} tok/s per sequence")
+        _progress(f"gemma_jax: batch {batch}, prompt {prompt_len}: decode {rate_text(per_seq)} tok/s per sequence")
     out["peak_rss_GiB"] = peak_rss_bytes() / 2**30
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if stats:
@@ -347,7 +348,7 @@ def hf_worker(spec: BenchSpec) -> dict:
                             "prefill_tok_s": batch * prompt_len / ttft,
                             "decode_tok_s_per_seq": per_seq, "decode_tok_s_total": per_seq * batch,
                             "tokens": result["ids"][:, prompt_len:].tolist()})
-        _progress(f"HF transformers: batch {batch}, prompt {prompt_len}: decode {_rate(per_seq)} tok/s per sequence")
+        _progress(f"HF transformers: batch {batch}, prompt {prompt_len}: decode {rate_text(per_seq)} tok/s per sequence")
     out["peak_rss_GiB"] = peak_rss_bytes() / 2**30
     return out
 
@@ -414,134 +415,6 @@ def run(spec: BenchSpec, vs_hf: bool = False, progress: bool = False, vs_float: 
                 "prefill_speedup": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
                 "same_greedy_tokens": all(same), "same_greedy_rows": sum(same)})
     return result
-
-
-# ------------------------------------------------------------------------------- the report
-def _count(n: int) -> str:
-    """2.61 B, 4.19 M, 181 k."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return str(n)
-
-
-def _duration(seconds: float) -> str:
-    """Seconds in a unit that shows them: 45 us, 12.3 ms, 1.90 s, 50 s, 2.2 min."""
-    if seconds >= 120:
-        return f"{seconds / 60:.1f} min"
-    if seconds >= 10:
-        return f"{seconds:.0f} s"
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
-
-
-def _bytes(n: float, binary: bool = False) -> str:
-    """Bytes in a unit that shows them: 512 kB, 10.5 GB (binary: KiB, MiB, GiB)."""
-    base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
-    for unit in units:
-        if abs(n) < base * 0.9995 or unit == units[-1]:
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= base
-    raise AssertionError("unreachable")
-
-
-def _rate(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def emulated_bf16(side: dict) -> bool:
-    """bf16 on a CPU is emulated by XLA: compute-bound, so a bandwidth roofline says nothing."""
-    return side.get("device") == "cpu" and side.get("dtype") == "bfloat16"
-
-
-def _roofline(side: dict, r: dict) -> str:
-    if emulated_bf16(side):
-        return "no roofline (bf16 is emulated on CPU: compute-bound, not bandwidth-bound)"
-    text = f"roofline {_rate(r['roofline_tok_s'])} tok/s -> {100 * r['roofline_fraction']:.0f}%"
-    if r["roofline_fraction"] > 1:
-        text += " (over 100%: the probe under-read the bandwidth in this run)"
-    return text
-
-
-def _side_line(title: str, side: dict) -> str:
-    return f"{title}: load {_duration(side['load_s'])}, peak RSS {_bytes(side['peak_rss_GiB'] * 2**30, binary=True)}"
-
-
-def _versus_line(r: dict, ratio: dict, who: str, ttft: bool = False, suffix: str = "") -> str:
-    """One run of a reference side, and how `who` compares with it."""
-    head = f"  batch {r['batch']}, prompt {r['prompt_len']}: " + (f"TTFT {_duration(r['ttft_s'])}, " if ttft else "")
-    return (head + f"prefill {_rate(r['prefill_tok_s'])} tok/s, decode {_rate(r['decode_tok_s_per_seq'])} tok/s/seq "
-            f"-> {who} is {ratio['decode_speedup']:.2f}x decode, {ratio['prefill_speedup']:.2f}x prefill" + suffix)
-
-
-def format_report(result: dict) -> str:
-    ours = result["gemma_jax"]
-    lines = [cpuinfo.describe()]
-    lines += [f"gemma_jax on {ours['device']} ({ours.get('weights', ours['dtype'])}): load {_duration(ours['load_s'])}, "
-              f"measured bandwidth {ours['bandwidth_GBps']:.3g} GB/s, "
-              f"peak RSS {_bytes(ours['peak_rss_GiB'] * 2**30, binary=True)}"]
-    for r in ours["runs"]:
-        lines.append(f"  batch {r['batch']}, prompt {r['prompt_len']}: compile {_duration(max(r['compile_s'], 0))}, "
-                     f"TTFT {_duration(r['ttft_s'])}, prefill {_rate(r['prefill_tok_s'])} tok/s, "
-                     f"decode {_rate(r['decode_tok_s_per_seq'])} tok/s/seq ({_rate(r['decode_tok_s_total'])} total), "
-                     f"{_bytes(r['bytes_per_step']['total'])}/step, {_roofline(ours, r)}")
-    if "hf" in result:
-        hf = result["hf"]
-        lines.append(_side_line(f"HF transformers {hf['version']} eager ({hf['dtype']}, {hf['threads']} threads)", hf))
-        lines += [_versus_line(r, ratio, "gemma_jax", ttft=True,
-                               suffix=f", same greedy tokens: {ratio['same_greedy_rows']}/{r['batch']} rows")
-                  for r, ratio in zip(hf["runs"], result["ratios"])]
-    if "float" in result:
-        flt = result["float"]
-        lines.append(_side_line(f"gemma_jax with {flt['weights']} weights (same run)", flt))
-        lines += [_versus_line(r, ratio, ours["weights"]) for r, ratio in zip(flt["runs"], result["int8_ratios"])]
-    return "\n".join(lines)
-
-
-def model_name(spec: dict) -> str:
-    """The checkpoint's directory name, or the preset's shape."""
-    if spec.get("ckpt"):
-        return Path(spec["ckpt"]).name or str(spec["ckpt"])
-    return f"Gemma 2 {spec['preset']} shape, random weights"
-
-
-def plot(result: dict, path: str):
-    """Decode tokens/s (all sequences) against batch size: one line per side and prompt length.
-    Returns the matplotlib Figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-    spec, ours = result["spec"], result["gemma_jax"]
-    prompt_lens = sorted({r["prompt_len"] for r in ours["runs"]})
-    batches = sorted({r["batch"] for r in ours["runs"]})
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for side, (key, label, style) in enumerate((("gemma_jax", "gemma_jax", "o-"),
-                                                ("hf", "HF transformers (eager)", "s--"))):
-        if key not in result:
-            continue
-        for i, plen in enumerate(prompt_lens):
-            points = sorted((r["batch"], r["decode_tok_s_total"]) for r in result[key]["runs"]
-                            if r["prompt_len"] == plen)
-            ax.plot(*zip(*points), style, color=colors[(side * len(prompt_lens) + i) % len(colors)],
-                    label=label + (f", prompt {plen}" if len(prompt_lens) > 1 else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_ylim(bottom=0)
-    ax.set(xlabel="batch size", ylabel="decode tokens/s (all sequences)")
-    ax.set_title(f"{model_name(spec)}: {spec['dtype']} decode on {ours['device']}"
-                 + (f", prompt {prompt_lens[0]}" if len(prompt_lens) == 1 else ""), fontsize=10)
-    if emulated_bf16(ours):
-        fig.text(0.01, 0.01, "bf16 on CPU is emulated (compute-bound): use float32 on CPUs", fontsize=7)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return fig
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gemma_jax import bench, cli
+from gemma_jax import bench, bench_report, cli
 from gemma_jax.config import gemma2_2b
 from gemma_jax.model import param_count
 
@@ -82,19 +82,19 @@ def made_up():
 
 
 def test_report_units_and_emulated_bf16(made_up):
-    text = bench.format_report(made_up)
+    text = bench_report.format_report(made_up)
     assert "0.00" not in text
     assert "load 400 us" in text and "TTFT 420 us" in text and "compile 3.1 ms" in text
     assert "2.5 kB/step" in text and "peak RSS 419 KiB" in text
     assert "no roofline (bf16 is emulated on CPU" in text and "%" not in text
     assert "same greedy tokens: 15/16 rows" in text and "same greedy tokens: 4/4 rows" in text
     float32 = {**made_up, "gemma_jax": {**made_up["gemma_jax"], "dtype": "float32"}}
-    assert "(over 100%: the probe under-read" in bench.format_report(float32)   # batch 1: 1.4x the roofline
+    assert "(over 100%: the probe under-read" in bench_report.format_report(float32)   # batch 1: 1.4x the roofline
 
 
 def test_plot_title_lines_and_ticks(made_up, tmp_path):
     import matplotlib.pyplot as plt
-    fig = bench.plot(made_up, str(tmp_path / "p.png"))
+    fig = bench_report.plot(made_up, str(tmp_path / "p.png"))
     ax = fig.axes[0]
     assert ax.get_title() == "gemma-2-2b-jpn-it: bfloat16 decode on cpu"
     labels = [line.get_label() for line in ax.get_lines()]
@@ -109,7 +109,7 @@ def test_plot_title_lines_and_ticks(made_up, tmp_path):
     del one["hf"]
     one["gemma_jax"] = {**one["gemma_jax"], "dtype": "float32",
                         "runs": [r for r in made_up["gemma_jax"]["runs"] if r["prompt_len"] == 64]}
-    fig = bench.plot(one, str(tmp_path / "q.png"))
+    fig = bench_report.plot(one, str(tmp_path / "q.png"))
     assert fig.axes[0].get_title() == "Gemma 2 2b shape, random weights: float32 decode on cpu, prompt 64"
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["gemma_jax"] and not fig.texts
     plt.close(fig)

@@ -389,7 +389,7 @@ def _chat(args) -> None:
 
 
 def _bench(args) -> None:
-    from gemma_jax import bench
+    from gemma_jax import bench, bench_report
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
         prompt_lens = tuple(int(p) for p in args.prompt_len.split(","))
@@ -406,12 +406,12 @@ def _bench(args) -> None:
     bench.preflight(spec, vs_hf=args.vs_hf, outputs={"--json": args.json, "--plot": args.plot})
     print(bench.plan(spec, vs_hf=args.vs_hf), file=sys.stderr, flush=True)
     result = bench.run(spec, vs_hf=args.vs_hf, progress=True, vs_float=args.vs_float)
-    print(bench.format_report(result))
+    print(bench_report.format_report(result))
     if args.json:
         import json
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
-        bench.plot(result, str(args.plot))
+        bench_report.plot(result, str(args.plot))
 
 
 def _parity(args) -> None:
