@@ -99,7 +99,7 @@ def seed_key(seed: int) -> jax.Array:
 
 def first_row_keys(data: jax.Array) -> jax.Array:
     """row_keys(seed, 1)[0] of k seeds at once, traceable: data [k, 2] their `seed_data` -> [k] keys."""
-    return jax.vmap(lambda d: jax.random.fold_in(jax.random.wrap_key_data(d), 0))(data)
+    return jax.vmap(lambda d: _fold_rows(jax.random.wrap_key_data(d), 1)[0])(data)
 
 
 @functools.partial(jax.jit, static_argnums=1)

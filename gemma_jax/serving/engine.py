@@ -381,15 +381,16 @@ class Engine:
                     continue
                 call, pending = pending, None
                 out, done = jax.device_get((call.out, call.done))   # the call in flight is done
-                self._measure(call, out.ids)
+                made = (out.ids >= 0).sum(axis=1)                    # tokens per row
+                self._measure(call, int(made.max(initial=0)))
                 for live, finished in zip(call.rows, done):
                     if live is not None and finished:
                         live.device_done = True
                 with self._cv:   # a request that came meanwhile is prefilled before the next call
                     admit = bool(self._queue) and None in self._slots
                 if self._decoding() and not admit:
-                    pending = self._queue_decode((out.ids >= 0).sum(axis=1))
-                self._hand_out(out, call.rows)
+                    pending = self._queue_decode(made)
+                self._hand_out(out, call.rows, made)
         except BaseException as e:  # a bug or a device failure: fail every request, report unhealthy
             traceback.print_exc()
             with self._cv:
@@ -529,11 +530,11 @@ class Engine:
         """Queue one decode call (asynchronous: the host hands out the previous call's tokens while
         this one runs), over the smallest row bucket holding every decoding row. `fetched`: the
         tokens per row of the call just fetched and not handed out yet."""
-        live = max(slot for slot, x in enumerate(self._slots) if x is not None and self._decoding(x)) + 1
-        bucket = next(b for b in self.buckets if b >= live)
-        fetched = np.zeros(bucket, int) if fetched is None else fetched
+        decoding = {slot: x for slot, x in enumerate(self._slots) if x is not None and self._decoding(x)}
+        bucket = next(b for b in self.buckets if b > max(decoding))
+        fetched = np.zeros(0, int) if fetched is None else fetched
         rest = max(x.request.max_tokens - x.generated - (int(fetched[slot]) if slot < len(fetched) else 0)
-                   for slot, x in enumerate(self._slots[:bucket]) if x is not None and self._decoding(x))
+                   for slot, x in decoding.items())
         queued = time.monotonic()
         self.device, out, done = steps.decode(self.graph, self.model.state, self.device,
                                               np.int32(self._call_steps(bucket, rest)),
@@ -541,8 +542,7 @@ class Engine:
         self.decode_calls += 1
         with self.metrics.lock:
             self.metrics.decode_calls.inc()
-        rows = [x if x is not None and self._decoding(x) else None for x in self._slots[:bucket]]
-        return _Call(out, done, rows, bucket, queued, self.prefill_calls)
+        return _Call(out, done, [decoding.get(slot) for slot in range(bucket)], bucket, queued, self.prefill_calls)
 
     def _call_steps(self, bucket: int, rest: int) -> int:
         """Steps for the next call: about `decode_call_ms` of them, and enough that the call's fixed
@@ -556,10 +556,10 @@ class Engine:
         n = rest if rest <= 1.25 * n else n
         return int(min(max(n, 1), self.config.decode_steps))
 
-    def _measure(self, call: _Call, ids: np.ndarray) -> None:
-        """Update the bucket's step time from a finished call (a call with a prefill behind it on
-        the device is skipped: its wait included the prefill)."""
-        now, made = time.monotonic(), int((ids >= 0).sum(axis=1).max(initial=0))
+    def _measure(self, call: _Call, made: int) -> None:
+        """Update the bucket's step time from a finished call that made `made` steps (a call with a
+        prefill behind it on the device is skipped: its wait included the prefill)."""
+        now = time.monotonic()
         if made and call.prefills == self.prefill_calls:
             took = 1e3 * (now - max(call.queued, self._last_done)) - self._fixed_ms.get(call.bucket, 0.0)
             step = max(took / made, 1e-3)
@@ -567,20 +567,19 @@ class Engine:
             self._step_ms[call.bucket] = step if old is None else (old + step) / 2
         self._last_done = now
 
-    def _hand_out(self, out: steps.Tokens, rows: list) -> None:
-        """Deliver a finished decode call's tokens (on the host) to the requests that held its rows.
-        A request ended by the host since (stop string, cancel) gets nothing more; its row went on,
-        masked."""
+    def _hand_out(self, out: steps.Tokens, rows: list, made: np.ndarray) -> None:
+        """Deliver a finished decode call's tokens (on the host; `made` [rows] per row) to the
+        requests that held its rows. A request ended by the host since (stop string, cancel) gets
+        nothing more; its row went on, masked."""
         ids, lps, top_ids, top_lps = out
         now = time.monotonic()
         with self._cv:
             for slot, live in enumerate(rows):
                 if live is None or live.finished:
                     continue
-                made = int((ids[slot] >= 0).sum())
-                if made:
-                    self._deliver(live, ids[slot, :made], lps[slot, :made], top_ids[slot, :made],
-                                  top_lps[slot, :made], now)
+                n = int(made[slot])
+                if n:
+                    self._deliver(live, ids[slot, :n], lps[slot, :n], top_ids[slot, :n], top_lps[slot, :n], now)
 
     # ------------------------------------------------------------------------------ delivery
     def _deliver(self, live: _Live, ids, lps, top_ids, top_lps, now: float) -> None:
